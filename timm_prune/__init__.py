@@ -1,0 +1,20 @@
+"""timm_prune: retrain-free pruning for timm models."""
+
+from .config import PruneConfig
+from .masking import LayerReport, PruneReport
+from .methods import PruneMethod, list_methods, register_method
+from .model import PrunableModel, convert
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerReport",
+    "PrunableModel",
+    "PruneConfig",
+    "PruneMethod",
+    "PruneReport",
+    "__version__",
+    "convert",
+    "list_methods",
+    "register_method",
+]

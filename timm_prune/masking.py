@@ -1,0 +1,202 @@
+"""Thresholds, keep-masks, sparsity reports and data-free recovery statistics.
+
+Everything here works one layer at a time. The global threshold in particular never concatenates the
+model's weights: it is an exact radix selection on the bit patterns of the (non-negative) scores,
+two counting passes over the layers, so its extra memory is one chunk plus two small histograms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+# Bits of a float32 split between the two radix passes: 2**16 + 2**15 counters.
+_HIGH_SHIFT = 15
+_CHUNK = 1 << 22
+
+
+def num_to_prune(numel: int, sparsity: float) -> int:
+    return min(numel, int(round(sparsity * numel)))
+
+
+def _chunks(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        yield flat[start : start + _CHUNK]
+
+
+def _as_bits(x: torch.Tensor) -> torch.Tensor:
+    # For non-negative float32 values, the int32 bit pattern orders exactly like the value.
+    return x.to(torch.float32).clamp_min(0.0).contiguous().view(torch.int32)
+
+
+def kth_smallest(scores: Sequence[Callable[[], torch.Tensor]], k: int) -> float:
+    """Exact k-th smallest (1-based) of all values produced by ``scores`` (non-negative), in two passes.
+
+    Each callable returns one layer's scores; it is called once per pass, so scores may be computed
+    on the fly from the weights instead of being held in memory.
+    """
+    if k < 1:
+        raise ValueError(f"kth_smallest needs k >= 1; got {k}")
+    high_counts = torch.zeros(1 << 16, dtype=torch.int64)
+    for score_fn in scores:
+        for chunk in _chunks(score_fn()):
+            high_counts += torch.bincount(_as_bits(chunk) >> _HIGH_SHIFT, minlength=1 << 16)
+    cumulative = high_counts.cumsum(0)
+    if cumulative[-1] < k:
+        raise ValueError(f"kth_smallest: asked for element {k} of {int(cumulative[-1])}")
+    bucket = int(torch.searchsorted(cumulative, k))
+    rank_in_bucket = k - (int(cumulative[bucket - 1]) if bucket > 0 else 0)
+    low_counts = torch.zeros(1 << _HIGH_SHIFT, dtype=torch.int64)
+    for score_fn in scores:
+        for chunk in _chunks(score_fn()):
+            bits = _as_bits(chunk)
+            in_bucket = bits[(bits >> _HIGH_SHIFT) == bucket]
+            low_counts += torch.bincount(in_bucket & ((1 << _HIGH_SHIFT) - 1), minlength=1 << _HIGH_SHIFT)
+    low = int(torch.searchsorted(low_counts.cumsum(0), rank_in_bucket))
+    value_bits = torch.tensor([(bucket << _HIGH_SHIFT) | low], dtype=torch.int32)
+    return float(value_bits.view(torch.float32))
+
+
+def _keep_below_threshold(score: torch.Tensor, threshold: float, ties_to_prune: int) -> tuple[torch.Tensor, int]:
+    """Keep-mask removing every score < threshold and the first ``ties_to_prune`` scores == threshold."""
+    score = score.to(torch.float32)
+    prune = score < threshold
+    ties = score == threshold
+    n_ties = int(ties.sum())
+    if ties_to_prune > 0 and n_ties:
+        take = min(ties_to_prune, n_ties)
+        order = ties.reshape(-1).cumsum(0).reshape(ties.shape)
+        prune |= ties & (order <= take)
+        ties_to_prune -= take
+    return ~prune, ties_to_prune
+
+
+def layer_keep_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask that prunes exactly ``round(sparsity * numel)`` lowest scores (ties in storage order)."""
+    k = num_to_prune(score.numel(), sparsity)
+    if k == 0:
+        return torch.ones_like(score, dtype=torch.bool)
+    flat = score.detach().reshape(-1).to(torch.float32)
+    threshold = float(flat.kthvalue(k).values)
+    below = int((flat < threshold).sum())
+    keep, _ = _keep_below_threshold(score.detach(), threshold, k - below)
+    return keep
+
+
+def global_keep_masks(scores: Sequence[Callable[[], torch.Tensor]], sparsity: float) -> list[torch.Tensor]:
+    """Keep-masks with one threshold over all layers, pruning exactly ``round(sparsity * total)`` entries."""
+    total = 0
+    for score_fn in scores:
+        total += score_fn().numel()
+    k = num_to_prune(total, sparsity)
+    if k == 0:
+        return [torch.ones_like(fn(), dtype=torch.bool) for fn in scores]
+    threshold = kth_smallest(scores, k)
+    below = 0
+    for score_fn in scores:
+        for chunk in _chunks(score_fn()):
+            below += int((chunk.to(torch.float32) < threshold).sum())
+    ties_left = k - below
+    masks = []
+    for score_fn in scores:
+        keep, ties_left = _keep_below_threshold(score_fn().detach(), threshold, ties_left)
+        masks.append(keep)
+    return masks
+
+
+def _unit_view(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def recovery_statistics(weight: torch.Tensor, keep: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-unit ``(mean, scale)`` of a data-free recovery, from the weight before pruning.
+
+    The recovered layer acts as the dense weight ``scale * w`` on kept entries and ``mean`` on pruned ones:
+    - ``"mean"``: mean of each unit's pruned entries (0 for a unit with none pruned), scale 1;
+    - ``"layer_mean"``: the mean of all the layer's pruned entries, for every unit, scale 1;
+    - ``"renorm"``: no mean; each unit's kept weights rescaled to the unit's norm before pruning;
+    - ``"none"``: mean 0, scale 1.
+    """
+    w = _unit_view(weight.detach().to(torch.float32))
+    pruned = ~_unit_view(keep)
+    n_units = w.shape[0]
+    mean = torch.zeros(n_units, dtype=torch.float32, device=w.device)
+    scale = torch.ones(n_units, dtype=torch.float32, device=w.device)
+    n_pruned = pruned.sum(1)
+    if kind == "mean":
+        mean = (w * pruned).sum(1) / n_pruned.clamp_min(1)
+    elif kind == "layer_mean":
+        mean = mean + (w * pruned).sum() / n_pruned.sum().clamp_min(1)
+    elif kind == "renorm":
+        kept_norm = (w * ~pruned).norm(dim=1)
+        scale = torch.where(kept_norm > 0, w.norm(dim=1) / kept_norm.clamp_min(1e-30), scale)
+    elif kind != "none":
+        raise ValueError(f"unknown recovery {kind!r}; expected 'mean', 'layer_mean', 'renorm' or 'none'")
+    return mean, scale
+
+
+@dataclass
+class LayerReport:
+    name: str
+    type: str
+    shape: list[int]
+    numel: int
+    sparsity: float
+    # Weight-standardising convs rescale their weight inside forward: stored zeros do not run as zeros.
+    weight_transformed: bool = False
+
+
+@dataclass
+class PruneReport:
+    """What ``prune()`` did: one row per targeted layer and the sparsity over all targeted weights."""
+
+    method: str
+    scope: str
+    target_sparsity: float
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return sum(layer.numel for layer in self.layers)
+
+    @property
+    def num_zeros(self) -> int:
+        return sum(int(round(layer.sparsity * layer.numel)) for layer in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        return self.num_zeros / max(self.numel, 1)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "scope": self.scope,
+            "target_sparsity": self.target_sparsity,
+            "sparsity": self.sparsity,
+            "numel": self.numel,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    def __str__(self) -> str:
+        width = max([len(layer.name) for layer in self.layers] + [5])
+        lines = [f"{'layer':<{width}}  {'shape':<22} {'sparsity':>8}"]
+        for layer in self.layers:
+            flag = "  (weight transformed in forward)" if layer.weight_transformed else ""
+            lines.append(f"{layer.name:<{width}}  {str(layer.shape):<22} {layer.sparsity:>8.2%}{flag}")
+        lines.append(
+            f"{self.method} ({self.scope}): {self.sparsity:.2%} of {self.numel:,} targeted weights pruned "
+            f"(target {self.target_sparsity:.2%})"
+        )
+        return "\n".join(lines)
+
+
+def count_zeros(t: torch.Tensor) -> int:
+    return int((t == 0).sum())
+
+
+def fraction(n: int, d: int) -> float:
+    return n / d if d else math.nan

@@ -1,0 +1,7 @@
+"""Pruning methods, one module each, registered by name (see ``registry.py``)."""
+
+from . import pof  # noqa: F401  (registers "pof")
+from .base import PruneMethod
+from .registry import get_method, list_methods, register_method
+
+__all__ = ["PruneMethod", "get_method", "list_methods", "register_method"]

@@ -1,0 +1,267 @@
+"""``PrunableModel``: a timm model wrapped for pruning, and ``convert`` which builds it."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .config import PruneConfig
+from .masking import LayerReport, PruneReport, count_zeros, recovery_statistics
+from .methods.registry import get_method
+from .parametrizations import (
+    MaskedWeight,
+    fold_weight,
+    masked_weight,
+    recovery_hook,
+    unmasked_weight,
+    unparametrize_copy,
+)
+from .targets import find_targets, weight_transformed_in_forward
+
+logger = logging.getLogger(__name__)
+
+_RECOVERY_KINDS = ("mean", "layer_mean", "renorm")
+
+
+class PrunableModel(nn.Module):
+    """A timm model whose targeted layers are re-parametrised by a pruning method.
+
+    Its forward is the wrapped model's, so ``.train()``, ``.eval()``, ``.parameters()``, optimizers and
+    ``accelerator.prepare`` work unchanged; attributes it does not have are looked up on ``self.model``
+    (``pm.pretrained_cfg``, ``pm.forward_features``, ...). Build it with ``timm_prune.convert``.
+    """
+
+    def __init__(self, model: nn.Module, config: PruneConfig, targets: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.pruner = get_method(config.method)(config)
+        self.pruner.attach(targets)
+        self.last_report: PruneReport | None = None
+        self.recovery: str = "none"
+        self._recovery_stats: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._hook_handles: dict[str, Any] = {}
+        # Filled by training code (e.g. {"accuracy_dense": ..., "accuracy_pruned": ...}); saved with the model.
+        self.metrics: dict[str, Any] = {}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def targets(self) -> dict[str, nn.Module]:
+        """Targeted layers by qualified name (relative to ``self.model``)."""
+        return self.pruner.layers
+
+    @property
+    def is_pruned(self) -> bool:
+        return self.last_report is not None
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Keep-masks (True = kept) of the pruned layers."""
+        return {n: m.keep for n, m in ((n, masked_weight(mod)) for n, mod in self.targets.items()) if m is not None}
+
+    def penalty(self) -> torch.Tensor:
+        """The method's training penalty (0-dim, differentiable), already multiplied by ``penalty_weight``."""
+        return self.pruner.penalty()
+
+    def candidate_energy(self) -> dict[str, float]:
+        """Per layer, the fraction of its weight energy that ``prune()`` would remove now."""
+        return self.pruner.candidate_energy()
+
+    def on_epoch_end(self, **logs: Any) -> dict[str, Any]:
+        """Called by training loops at each epoch boundary (e.g. ``train_loss=...``); methods that update
+        state once an epoch (SLR's multipliers) do it here. Returns what the method wants logged."""
+        return self.pruner.on_epoch_end(**logs)
+
+    # ------------------------------------------------------------------ prune / recover
+    @torch.no_grad()
+    def prune(self) -> PruneReport:
+        """Zero the weights the method ranks lowest at ``config.sparsity`` / ``config.scope``; keep the masks.
+
+        Pruning again (e.g. after more training) recomputes the masks from the current weights.
+        """
+        self.recover("none")
+        keep_masks = self.pruner.keep_masks()
+        report = PruneReport(self.config.method, self.config.scope, self.config.sparsity)
+        for name, module in self.targets.items():
+            keep = keep_masks[name]
+            weight = unmasked_weight(module).detach()
+            self._recovery_stats[name] = {kind: recovery_statistics(weight, keep, kind) for kind in _RECOVERY_KINDS}
+            mask = masked_weight(module)
+            if mask is None:
+                parametrize.register_parametrization(module, "weight", MaskedWeight(keep))
+            else:
+                mask.keep = keep.clone()
+            # Refit the originals so the kept entries keep their values and the pruned ones are stored as 0.
+            module.weight = weight * keep
+            pruned = module.weight
+            report.layers.append(
+                LayerReport(
+                    name=name,
+                    type=_layer_type(module).__name__,
+                    shape=list(pruned.shape),
+                    numel=pruned.numel(),
+                    sparsity=count_zeros(pruned) / pruned.numel(),
+                    weight_transformed=weight_transformed_in_forward(module),
+                )
+            )
+        self.last_report = report
+        return report
+
+    @torch.no_grad()
+    def recover(self, kind: str | None = None) -> None:
+        """Data-free recovery after ``prune()``; ``kind`` defaults to ``config.recovery``.
+
+        The zero pattern is kept: the kept weights become ``scale * w - mean`` and a forward hook adds
+        ``mean * (sum of the inputs over the receptive field)``, so the layer computes exactly the dense
+        layer whose pruned entries hold ``mean`` (see ``masking.recovery_statistics``). ``"none"`` undoes it.
+        """
+        kind = self.config.recovery if kind is None else kind
+        if kind not in _RECOVERY_KINDS + ("none",):
+            raise ValueError(f"recover(kind=...) must be one of {list(_RECOVERY_KINDS + ('none',))}; got {kind!r}")
+        if kind != "none" and not self.is_pruned:
+            raise RuntimeError("recover() needs a pruned model: call prune() first")
+        for name, module in self.targets.items():
+            mask = masked_weight(module)
+            if mask is None:
+                continue
+            if kind == "none":
+                mask.set_recovery(None, None)
+                handle = self._hook_handles.pop(name, None)
+                if handle is not None:
+                    handle.remove()
+                continue
+            mean, scale = self._recovery_stats[name][kind]
+            device = mask.keep.device
+            mask.set_recovery(mean.to(device) if kind != "renorm" else None, scale.to(device))
+            if name not in self._hook_handles and kind != "renorm":
+                self._hook_handles[name] = module.register_forward_hook(recovery_hook)
+            if kind == "renorm" and name in self._hook_handles:
+                self._hook_handles.pop(name).remove()
+        self.recovery = kind
+
+    def recovery_tensors(self) -> dict[str, torch.Tensor]:
+        """Per layer ``<name>.mean`` (and ``<name>.scale`` for renorm) of the active recovery."""
+        out = {}
+        for name, module in self.targets.items():
+            mask = masked_weight(module)
+            if mask is None:
+                continue
+            if mask.mean is not None:
+                out[f"{name}.mean"] = mask.mean.detach().clone()
+            if mask.scale is not None:
+                out[f"{name}.scale"] = mask.scale.detach().clone()
+        return out
+
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, batches: Iterable[Any], num_batches: int = 10) -> int:
+        """Re-estimate BatchNorm running statistics on a few batches; returns how many batches were used.
+
+        ``batches`` yields input tensors, ``(inputs, labels)`` pairs, or dicts with ``"pixel_values"``.
+        Only BatchNorm layers run in training mode; everything else (dropout, drop-path) stays in eval.
+        """
+        if num_batches < 1:
+            raise ValueError(f"recalibrate_batchnorm(num_batches=...) must be >= 1; got {num_batches}")
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if not norms:
+            logger.warning("recalibrate_batchnorm: %s has no BatchNorm layers; nothing to do", type(self.model).__name__)
+            return 0
+        was_training = self.training
+        saved = [(m, m.momentum) for m in norms]
+        device = next(self.parameters()).device
+        self.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches seen
+            m.train()
+        used = 0
+        try:
+            for batch in batches:
+                if used >= num_batches:
+                    break
+                self(_inputs_of(batch).to(device))
+                used += 1
+        finally:
+            for m, momentum in saved:
+                m.momentum = momentum
+            self.train(was_training)
+        if used == 0:
+            raise ValueError("recalibrate_batchnorm: `batches` yielded nothing")
+        return used
+
+    # ------------------------------------------------------------------ merge
+    @torch.no_grad()
+    def merge_and_unload(self, recovered: bool = False) -> nn.Module:
+        """A new plain timm model (original class, standard layers) with the weights folded in.
+
+        ``recovered=False``: pruned entries are exact zeros (the recovery lives in ``recovery_tensors()``).
+        ``recovered=True``: the active recovery is folded in, dense (pruned entries hold their means).
+        ``self`` is left untouched and usable.
+        """
+        if recovered and self.recovery == "none":
+            raise RuntimeError("merge_and_unload(recovered=True) needs an active recovery: call recover() first")
+        folded = {name: fold_weight(module, recovered) for name, module in self.targets.items()}
+        merged = copy.deepcopy(self.model)
+        for name, weight in folded.items():
+            module = merged.get_submodule(name)
+            for handle in self._hook_handles.values():
+                module._forward_hooks.pop(handle.id, None)
+            unparametrize_copy(module, weight)
+        return merged
+
+
+def convert(model: nn.Module, config: PruneConfig | None = None, **config_kwargs: Any) -> PrunableModel:
+    """Wrap ``model`` (in place, as PEFT does) for pruning with ``config``; outputs do not change.
+
+    Build optimizers after converting: the targeted weights are replaced by the method's parameters.
+    """
+    if isinstance(model, PrunableModel):
+        raise ValueError("convert: the model is already a PrunableModel; convert the original timm model once")
+    if config is None:
+        config = PruneConfig(**config_kwargs)
+    elif config_kwargs:
+        raise ValueError("convert: pass either a PruneConfig or its fields as keyword arguments, not both")
+    if not isinstance(config, PruneConfig):
+        raise TypeError(f"convert: config must be a PruneConfig; got {type(config).__name__}")
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            raise ValueError(
+                f"convert: module {name!r} is already parametrized; timm_prune needs plain layers "
+                "(was this model converted before?)"
+            )
+    targets = find_targets(model, config.target_modules, config.exclude_modules)
+    return PrunableModel(model, config, targets)
+
+
+def _layer_type(module: nn.Module) -> type:
+    # parametrize swaps in a generated subclass; report the class the user knows.
+    return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+
+
+def _inputs_of(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict):
+        for key in ("pixel_values", "image", "images", "x"):
+            if key in batch:
+                return batch[key]
+        raise ValueError(f"batch dict has no input key (pixel_values/image/images/x); keys: {sorted(batch)}")
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise ValueError(f"cannot find the input tensor in a batch of type {type(batch).__name__}")
