@@ -180,7 +180,8 @@ class PrunableModel(nn.Module):
             raise ValueError(f"recalibrate_batchnorm(num_batches=...) must be >= 1; got {num_batches}")
         norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         if not norms:
-            logger.warning("recalibrate_batchnorm: %s has no BatchNorm layers; nothing to do", type(self.model).__name__)
+            model_name = type(self.model).__name__
+            logger.warning("recalibrate_batchnorm: %s has no BatchNorm layers; nothing to do", model_name)
             return 0
         was_training = self.training
         saved = [(m, m.momentum) for m in norms]

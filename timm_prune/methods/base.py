@@ -60,7 +60,7 @@ class PruneMethod(nn.Module):
         names = list(self.layers)
         if self.config.scope == "global":
             masks = global_keep_masks([lambda n=n: self.scores(n) for n in names], self.config.sparsity)
-            return dict(zip(names, masks))
+            return dict(zip(names, masks, strict=True))
         return {n: layer_keep_mask(self.scores(n), self.config.sparsity) for n in names}
 
     def penalty(self) -> torch.Tensor:
