@@ -5,7 +5,8 @@ import torch
 
 # Never reach the Hub from tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread per pytest-xdist worker: workers x threads above the core count makes OpenMP spin and crawl.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """timm_prune: retrain-free pruning for timm models."""
 
 from .config import PruneConfig
+from .hub import FileFormatError, HubUnreachableError, from_pretrained, push_folder
 from .masking import LayerReport, PruneReport
 from .methods import PruneMethod, list_methods, register_method
 from .model import PrunableModel, convert
@@ -8,6 +9,8 @@ from .model import PrunableModel, convert
 __version__ = "0.1.0"
 
 __all__ = [
+    "FileFormatError",
+    "HubUnreachableError",
     "LayerReport",
     "PrunableModel",
     "PruneConfig",
@@ -15,6 +18,8 @@ __all__ = [
     "PruneReport",
     "__version__",
     "convert",
+    "from_pretrained",
     "list_methods",
+    "push_folder",
     "register_method",
 ]

@@ -43,6 +43,9 @@ class PrunableModel(nn.Module):
         self.config = config
         self.pruner = get_method(config.method)(config)
         self.pruner.attach(targets)
+        # Method state (SLR's copies of the weights, POF's step counter) is identical on every rank by
+        # construction; DDP must not re-broadcast it from rank 0 on every forward.
+        self._ddp_params_and_buffers_to_ignore = [f"pruner.{name}" for name, _ in self.pruner.named_buffers()]
         self.last_report: PruneReport | None = None
         self.recovery: str = "none"
         self._recovery_stats: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -225,6 +228,21 @@ class PrunableModel(nn.Module):
                 module._forward_hooks.pop(handle.id, None)
             unparametrize_copy(module, weight)
         return merged
+
+    # ------------------------------------------------------------------ hub (implemented in hub.py)
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> str:
+        """Write config.json, weights, pruning_config.json, recovery tensors and a model card; see
+        ``timm_prune.hub.save_pretrained`` for ``save_format="dense"|"compact"`` and the other options."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str | None:
+        """Save and upload to the Hub in one commit; returns the commit URL (``None`` off the main process).
+        See ``timm_prune.hub.push_to_hub`` for ``private``, ``revision``, ``commit_message``, ``save_format``."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
 
 def convert(model: nn.Module, config: PruneConfig | None = None, **config_kwargs: Any) -> PrunableModel:

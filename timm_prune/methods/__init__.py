@@ -1,6 +1,9 @@
 """Pruning methods, one module each, registered by name (see ``registry.py``)."""
 
-from . import pof  # noqa: F401  (registers "pof")
+from . import (
+    pof,  # noqa: F401  (registers "pof")
+    slr,  # noqa: F401  (registers "slr")
+)
 from .base import PruneMethod
 from .registry import get_method, list_methods, register_method
 
