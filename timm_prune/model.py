@@ -99,6 +99,10 @@ class PrunableModel(nn.Module):
 
         Pruning again (e.g. after more training) recomputes the masks from the current weights.
         """
+        if self.pruner.structured:
+            # Channel removal changes the architecture itself; the method owns the whole step.
+            self.last_report = self.pruner.prune_structured()
+            return self.last_report
         self.recover("none")
         keep_masks = self.pruner.keep_masks()
         report = PruneReport(self.config.method, self.config.scope, self.config.sparsity)

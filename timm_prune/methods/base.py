@@ -33,6 +33,8 @@ class NoOptions:
 class PruneMethod(nn.Module):
     name: ClassVar[str] = ""
     options_cls: ClassVar[type] = NoOptions
+    # Structured methods remove whole channels in ``prune_structured`` instead of masking weights.
+    structured: ClassVar[bool] = False
 
     def __init__(self, config: PruneConfig) -> None:
         super().__init__()
@@ -66,6 +68,10 @@ class PruneMethod(nn.Module):
     def penalty(self) -> torch.Tensor:
         device = next(iter(self.layers.values())).weight.device
         return torch.zeros((), device=device)
+
+    def prune_structured(self):
+        """Structured methods: remove channels and return a report (called by ``PrunableModel.prune``)."""
+        raise NotImplementedError(f"method {self.name!r} is unstructured; it prunes through keep_masks()")
 
     def on_epoch_end(self, **logs) -> dict:
         """Epoch-boundary update (no-op by default); returns values worth logging."""
