@@ -43,24 +43,45 @@ def test_penalty_equals_candidate_energy_by_hand():
     assert pm.penalty().item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_warmup_ramps_and_refresh_reuses_candidates():
-    pm = timm_prune.convert(
-        _mlp(), timm_prune.PruneConfig(sparsity=0.5, penalty_warmup=4, threshold_refresh=3, target_modules=["0", "2"])
-    )
-    full = timm_prune.convert(_mlp(), timm_prune.PruneConfig(sparsity=0.5, target_modules=["0", "2"]))
+def test_warmup_ramps_the_penalty_weight():
+    config = dict(sparsity=0.5, target_modules=["0", "2"])
+    pm = timm_prune.convert(_mlp(), timm_prune.PruneConfig(penalty_warmup=4, **config))
+    full = timm_prune.convert(_mlp(), timm_prune.PruneConfig(**config))
     full.load_state_dict(pm.state_dict())
     with torch.no_grad():
         reference = full.penalty().item()  # no_grad: evaluation calls do not advance the step
     assert int(full.pruner.step) == 0
-    seen, candidate_sets = [], []
-    for _ in range(6):
-        seen.append(pm.penalty().item())
-        candidate_sets.append(pm.pruner._candidates)
+    seen = [pm.penalty().item() for _ in range(6)]
     assert seen == pytest.approx([0.0, 0.25 * reference, 0.5 * reference, 0.75 * reference, reference, reference])
     assert int(pm.pruner.step) == 6 and "pruner.step" in pm.state_dict()
-    # Re-selected at calls 0 and 3 only.
-    assert candidate_sets[0] is candidate_sets[1] is candidate_sets[2]
-    assert candidate_sets[3] is not candidate_sets[2] and candidate_sets[3] is candidate_sets[5]
+
+
+def _snapshot(pm) -> dict[str, torch.Tensor]:
+    return {n: c.clone() for n, c in pm.pruner._candidates.items()}
+
+
+def _scramble(pm) -> None:
+    with torch.no_grad():
+        for v in _directions(pm).values():
+            v.copy_(torch.randn_like(v))
+
+
+def test_candidates_refresh_on_schedule_and_travel_with_the_state_dict():
+    config = timm_prune.PruneConfig(sparsity=0.5, threshold_refresh=3, target_modules=["0", "2"])
+    pm = timm_prune.convert(_mlp(), config)
+    pm.penalty()  # call 0 selects
+    first = _snapshot(pm)
+    _scramble(pm)  # a fresh selection would now differ
+    pm.penalty()
+    pm.penalty()  # calls 1 and 2 keep the selection
+    assert all(torch.equal(first[n], c) for n, c in pm.pruner._candidates.items())
+    resumed = timm_prune.convert(_mlp(), config)
+    resumed.load_state_dict(pm.state_dict())  # a checkpoint taken between refreshes
+    assert all(torch.equal(first[n], c) for n, c in resumed.pruner._candidates.items())
+    assert resumed.penalty().item() == pytest.approx(pm.penalty().item())  # call 3 re-selects in both
+    fresh = {n: ~keep for n, keep in pm.pruner.keep_masks().items()}
+    assert all(torch.equal(fresh[n], c) for n, c in pm.pruner._candidates.items())
+    assert any(not torch.equal(first[n], c) for n, c in pm.pruner._candidates.items())
 
 
 def test_penalty_polarises_weights():

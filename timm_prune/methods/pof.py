@@ -77,12 +77,20 @@ class PofMethod(PruneMethod):
         super().__init__(config)
         # Training calls of penalty() so far: a buffer so that checkpoints resume the warm-up and refresh.
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-        self.__dict__["_candidates"] = None
+        # Whether the candidate buffers below hold a selection yet.
+        self.register_buffer("candidates_selected", torch.zeros((), dtype=torch.bool))
 
     def attach(self, layers: dict[str, nn.Module]) -> None:
         super().attach(layers)
-        for module in layers.values():
+        for index, module in enumerate(layers.values()):
+            # The current candidate set is state, not a cache: between refreshes it decides the penalty, so a
+            # resumed run must get it back from the checkpoint to continue exactly.
+            self.register_buffer(f"candidates_{index}", torch.zeros_like(module.weight, dtype=torch.bool))
             parametrize.register_parametrization(module, "weight", Hyperspherical())
+
+    @property
+    def _candidates(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, f"candidates_{index}") for index, name in enumerate(self.layers)}
 
     def direction(self, name: str) -> torch.Tensor:
         return self.layers[name].parametrizations.weight.original1
@@ -101,8 +109,11 @@ class PofMethod(PruneMethod):
     def penalty(self) -> torch.Tensor:
         training = torch.is_grad_enabled()
         weight = self.current_weight()
-        if self._candidates is None or (training and int(self.step) % self.config.threshold_refresh == 0):
-            self.__dict__["_candidates"] = {n: ~keep for n, keep in self.keep_masks().items()}
+        if not self.candidates_selected or (training and int(self.step) % self.config.threshold_refresh == 0):
+            with torch.no_grad():
+                for name, keep in self.keep_masks().items():
+                    self._candidates[name].copy_(~keep)
+            self.candidates_selected.fill_(True)
         if training:
             self.step += 1
         # Always float32: the energy is a sum of many small squares, which bf16 would round away.
