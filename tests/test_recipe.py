@@ -120,11 +120,10 @@ def test_two_cpu_processes_really_run_as_two_ranks_and_agree(tmp_path: Path) -> 
 
 
 def test_resume_from_checkpoint_reaches_the_uninterrupted_weights(tmp_path: Path) -> None:
-    # 64 images / 16 = 4 steps an epoch, 8 steps; random (seeded) augmentation stays on. threshold_refresh 1:
-    # POF caches its candidate set between refreshes outside its state_dict, so a resume is exact only when
-    # checkpoints fall on refresh steps (the recipe's default refresh is 10).
+    # 64 images / 16 = 4 steps an epoch, 8 steps; random (seeded) augmentation stays on. threshold_refresh 3:
+    # checkpoints at steps 2 and 4 fall between refreshes, so POF's candidate set must come back from them.
     common = [*TINY, "--max_train_steps", "8", "--checkpointing_steps", "2", "--report_to", "none"]
-    common += ["--threshold_refresh", "1"]
+    common += ["--threshold_refresh", "3"]
     full, parts = tmp_path / "full", tmp_path / "parts"
     check_ok(launch([*common, "--output_dir", str(full)], tmp_path))
 

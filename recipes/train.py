@@ -1,0 +1,374 @@
+"""Train a timm model with a pruning-friendly penalty, prune it without fine-tuning, evaluate, save.
+
+    accelerate launch recipes/train.py                                   # built-in digits, a few minutes on CPU
+    accelerate launch recipes/train.py --config recipes/configs/cifar10_resnet18_pof.yaml
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no recipes/train.py                             # two CPU processes (gloo)
+
+The same script runs on one process or many, on CPU or GPUs, with mixed precision from Accelerate's own
+``--mixed_precision`` flag. Flags: ``python recipes/train.py --help``; any flag is also a YAML key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from functools import partial
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    ProjectConfiguration,
+    gather_object,
+    is_mps_available,
+    is_npu_available,
+    is_xpu_available,
+    set_seed,
+)
+from recipe_args import parse_args, prune_config_from_args
+from recipe_utils import (
+    JsonLinesTracker,
+    TrainState,
+    batchnorm_state,
+    check_model_name,
+    latest_checkpoint,
+    restore_batchnorm_state,
+    results_table,
+    scalar_logs,
+    tensors_sha256,
+)
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from tqdm.auto import tqdm
+
+import timm_prune
+from timm_prune import hub
+from timm_prune.data import ImageClassificationDataset, create_loader, create_transforms, load_image_splits
+
+
+def _use_cpu(args: argparse.Namespace) -> bool:
+    # Accelerator(cpu=True) is what makes a `--multi_gpu` launch on a CPU-only machine use gloo (DESIGN.md).
+    if args.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    return not (torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mps_available())
+
+
+def _trackers(args: argparse.Namespace) -> list[Any]:
+    names = {n.strip() for n in args.report_to.split(",") if n.strip()} - {"none"}
+    if "all" in names:
+        names = {"tensorboard", "jsonl"}
+    unknown = names - {"tensorboard", "jsonl"}
+    if unknown:
+        raise ValueError(f"--report_to: unknown tracker(s) {sorted(unknown)}; use tensorboard, jsonl, all or none")
+    out: list[Any] = ["tensorboard"] if "tensorboard" in names else []
+    if "jsonl" in names:
+        out.append(JsonLinesTracker(os.path.join(args.output_dir, "logs")))
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Any, accelerator: Accelerator) -> float:
+    """Top-1 accuracy over the whole validation set, gathered from every process (duplicates dropped)."""
+    model.eval()
+    correct, total = 0, 0
+    for images, labels in loader:
+        predictions = model(images).argmax(dim=-1)
+        predictions, labels = accelerator.gather_for_metrics((predictions, labels))
+        correct += int((predictions == labels).sum())
+        total += labels.numel()
+    return correct / max(total, 1)
+
+
+def _fail(message: str) -> None:
+    # A one-line error (no traceback) names the problem; every process exits the same way.
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.time()
+    try:
+        trackers = _trackers(args)
+    except ValueError as e:
+        _fail(str(e))
+    accelerator = Accelerator(
+        cpu=_use_cpu(args),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
+        ),
+        # Same shuffling on every process and after a resume: the order depends on (seed, epoch) only.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+
+    # ---- validate everything before the output dir exists or any training starts
+    try:
+        prune_config = prune_config_from_args(args)
+        check_model_name(args.model)
+        with accelerator.main_process_first():  # the main process downloads / caches first
+            splits = load_image_splits(
+                args.dataset,
+                args.image_column,
+                args.label_column,
+                args.validation_fraction,
+                args.seed,
+                args.max_train_samples,
+                args.max_eval_samples,
+            )
+        num_classes = args.num_classes or splits.num_classes
+        if num_classes < splits.num_classes:
+            raise ValueError(f"--num_classes {num_classes} is below the dataset's {splits.num_classes} classes")
+        set_seed(args.seed)  # before model creation: identical initial weights on every process
+        try:
+            model = timm.create_model(
+                args.model, pretrained=args.pretrained, num_classes=num_classes, **args.model_kwargs
+            )
+        except Exception as e:  # bad model_kwargs, unreachable Hub weights, ...
+            raise ValueError(f"--model {args.model!r} could not be created: {type(e).__name__}: {e}") from e
+        model = timm_prune.convert(model, prune_config)
+        if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such directory")
+    except ValueError as e:
+        _fail(str(e))
+
+    augment = {"none": args.augment == "none", "hflip": args.hflip, "scale": tuple(args.scale) if args.scale else None}
+    train_tf, eval_tf, data_config = create_transforms(model, args.img_size, args.crop_pct, augment)
+    image_col, label_col = splits.image_column, splits.label_column
+    train_set = ImageClassificationDataset(splits.train, image_col, label_col, train_tf, seed=args.seed)
+    eval_set = ImageClassificationDataset(splits.validation, image_col, label_col, eval_tf)
+    train_loader = create_loader(train_set, args.batch_size, True, args.num_workers)
+    eval_loader = create_loader(eval_set, args.eval_batch_size or 2 * args.batch_size, False, args.num_workers)
+    # BatchNorm re-estimation: the same un-sharded, un-augmented batches on every process, so the
+    # re-estimated statistics (and everything evaluated with them) agree across ranks.
+    bn_set = ImageClassificationDataset(splits.train, image_col, label_col, eval_tf)
+    bn_loader = torch.utils.data.DataLoader(
+        bn_set, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
+    )
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
+    run_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+    accelerator.init_trackers("tensorboard", config=run_config)
+
+    optimizer = create_optimizer_v2(
+        model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
+    )
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    pm: timm_prune.PrunableModel = accelerator.unwrap_model(model)
+
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    total_steps = args.max_train_steps or args.epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=args.sched,
+        # Counted in optimizer steps (one "epoch" per update), so the schedule ends exactly at total_steps
+        # even when --max_train_steps stops mid-epoch.
+        num_epochs=total_steps,
+        warmup_epochs=args.warmup_epochs * steps_per_epoch,
+        min_lr=args.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=1,
+    )
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+
+    if args.resume_from_checkpoint:
+        path = args.resume_from_checkpoint
+        if path == "latest":
+            try:
+                path = latest_checkpoint(args.output_dir)
+            except ValueError as e:
+                _fail(str(e))
+        accelerator.print(f"resuming from {path}")
+        accelerator.load_state(path)
+        scheduler.step_update(num_updates=state.completed_steps)
+
+    accelerator.print(
+        f"{args.model} on {args.dataset} ({len(splits.train)} train / {len(splits.validation)} "
+        f"{splits.validation_source} images, {num_classes} classes, input {data_config['input_size']}), "
+        f"method {prune_config.method} at sparsity {prune_config.sparsity}, {len(pm.targets)} target layers, "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}, {total_steps} optimizer steps"
+    )
+    progress = tqdm(
+        total=total_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process, desc="train"
+    )
+    stop_now = False
+    for epoch in range(state.epoch, num_epochs):
+        if state.completed_steps >= total_steps:
+            break
+        resuming_mid_epoch = epoch == state.epoch and state.steps_in_epoch > 0
+        if not resuming_mid_epoch:
+            state.start_epoch(epoch)
+        model.train()
+        train_set.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        active_loader = train_loader
+        if resuming_mid_epoch:
+            skip = state.steps_in_epoch * args.gradient_accumulation_steps
+            active_loader = accelerator.skip_first_batches(train_loader, skip)
+        for images, labels in active_loader:
+            with accelerator.accumulate(model):
+                loss = F.cross_entropy(model(images), labels)
+                penalty = pm.penalty()
+                accelerator.backward(loss + penalty)
+                optimizer.step()
+                optimizer.zero_grad()
+            state.loss_sum += loss.item()
+            state.penalty_sum += penalty.item()
+            state.batches += 1
+            if not accelerator.sync_gradients:
+                continue
+            state.completed_steps += 1
+            state.steps_in_epoch += 1
+            scheduler.step_update(num_updates=state.completed_steps)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}", penalty=f"{penalty.item():.4f}")
+            step_checkpoint = args.checkpointing_steps not in (None, "epoch")
+            if step_checkpoint and state.completed_steps % int(args.checkpointing_steps) == 0:
+                accelerator.save_state(os.path.join(args.output_dir, "checkpoints", f"step_{state.completed_steps}"))
+                if args.stop_after_step is not None and state.completed_steps >= args.stop_after_step:
+                    stop_now = True
+                    break
+            if state.completed_steps >= total_steps:
+                break
+        if stop_now:
+            break
+
+        # ---- epoch end: global averages, the method's epoch update, validation, logs
+        sums = accelerator.reduce(
+            torch.tensor([state.loss_sum, state.penalty_sum, state.batches], device=accelerator.device), "sum"
+        )
+        train_loss, train_penalty = (sums[:2] / sums[2].clamp_min(1)).tolist()
+        # Every rank gets the same global loss, so methods that decide on it (SLR) decide alike everywhere.
+        method_logs = pm.on_epoch_end(train_loss=train_loss)
+        energy = pm.candidate_energy()
+        accuracy = evaluate(model, eval_loader, accelerator)
+        record = {
+            "epoch": epoch,
+            "step": state.completed_steps,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss,
+            "penalty": train_penalty,
+            "candidate_energy_mean": sum(energy.values()) / max(len(energy), 1),
+            "candidate_energy_max": max(energy.values(), default=0.0),
+            "val_accuracy": accuracy,
+            # Methods namespace their own keys ("slr/k"); bare ones get the method's name.
+            **{k if "/" in k else f"{prune_config.method}/{k}": v for k, v in scalar_logs(method_logs).items()},
+        }
+        state.history.append(record)
+        state.start_epoch(epoch + 1)
+        accelerator.log(record, step=record["step"])
+        if accelerator.is_local_main_process:
+            progress.write(
+                f"epoch {epoch}: loss {train_loss:.4f} penalty {train_penalty:.5f} "
+                f"candidate energy {record['candidate_energy_mean']:.4f} val acc {100 * accuracy:.2f}%"
+            )
+        if args.checkpointing_steps == "epoch":
+            accelerator.save_state(os.path.join(args.output_dir, "checkpoints", f"epoch_{epoch}"))
+    progress.close()
+
+    if stop_now:
+        accelerator.print(f"stopped after the checkpoint at step {state.completed_steps} (--stop_after_step)")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return
+    finish(args, accelerator, model, pm, eval_loader, bn_loader, state, started, splits)
+
+
+def finish(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    pm: timm_prune.PrunableModel,
+    eval_loader: Any,
+    bn_loader: Any,
+    state: TrainState,
+    started: float,
+    splits: Any,
+) -> None:
+    """Prune, evaluate every variant, check ranks agree, save (and push) from the main process."""
+    accuracy = {"dense": evaluate(pm, eval_loader, accelerator)}
+    report = pm.prune()
+    accuracy["pruned"] = evaluate(pm, eval_loader, accelerator)
+    recovery = pm.config.recovery
+    if recovery != "none":
+        pm.recover()
+        accuracy["recovered"] = evaluate(pm, eval_loader, accelerator)
+    # The data-using reference: BatchNorm statistics re-estimated for the pruned (unrecovered) weights.
+    # It is undone afterwards: the saved model is the data-free one (pruned + the configured recovery).
+    saved_bn = batchnorm_state(pm)
+    pm.recover("none")
+    bn_used = pm.recalibrate_batchnorm(bn_loader, num_batches=args.bn_batches)
+    accuracy["bn_recalibrated"] = evaluate(pm, eval_loader, accelerator) if bn_used else None
+    restore_batchnorm_state(pm, saved_bn)
+    if recovery != "none":
+        pm.recover()
+
+    mask_hash = tensors_sha256(pm.masks)
+    weight_hash = tensors_sha256(pm.merge_and_unload().state_dict())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    print(f"[rank {rank}/{world}] world_size={world} masks_sha256={mask_hash} weights_sha256={weight_hash}", flush=True)
+    all_hashes = gather_object([(mask_hash, weight_hash)])
+    if len(set(all_hashes)) != 1:
+        raise RuntimeError(f"processes disagree on the pruned model: {all_hashes}")
+
+    metrics = {f"accuracy_{name}": value for name, value in accuracy.items()}
+    metrics.update(sparsity=report.sparsity, dataset=args.dataset, num_processes=world)
+    pm.metrics.update(metrics)
+    rows = [
+        ("dense (trained)", accuracy["dense"]),
+        ("pruned", accuracy["pruned"]),
+        (f"pruned + {recovery} recovery", accuracy.get("recovered")),
+        (
+            f"pruned + BN re-estimated ({bn_used} batches)" if bn_used else "pruned + BN (no BatchNorm)",
+            accuracy["bn_recalibrated"],
+        ),
+    ]
+    title = f"{args.model} / {args.dataset} / {pm.config.method} at {100 * pm.config.sparsity:.0f}% sparsity"
+    table = results_table(rows, report.sparsity, title)
+    hub_url = None
+    if accelerator.is_main_process:
+        # model_args: create_model kwargs timm's config.json would not record (e.g. a ViT's patch_size).
+        model_args = args.model_kwargs or None
+        save_pretrained = getattr(pm, "save_pretrained", None) or partial(hub.save_pretrained, pm)
+        save_pretrained(args.output_dir, model_args=model_args)
+        if args.push_to_hub:
+            repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+            push_to_hub = getattr(pm, "push_to_hub", None) or partial(hub.push_to_hub, pm)
+            hub_url = push_to_hub(repo_id, private=args.hub_private, model_args=model_args)
+        summary = {
+            "final": metrics,
+            "history": state.history,
+            "prune_report": report.to_dict(),
+            "prune_config": pm.config.to_dict(),
+            "args": {k: v for k, v in vars(args).items()},
+            "world_size": world,
+            "masks_sha256": mask_hash,
+            "weights_sha256": weight_hash,
+            "train_images": len(splits.train),
+            "validation_images": len(splits.validation),
+            "wall_time_s": round(time.time() - started, 1),
+            "hub_url": hub_url,
+        }
+        with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    accelerator.log({**scalar_logs(metrics, prefix="final/")}, step=state.completed_steps)
+    accelerator.print(f"\n{table}\nsaved to {args.output_dir}" + (f", pushed: {hub_url}" if hub_url else ""))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
