@@ -23,12 +23,10 @@ from timm_prune.config import RECOVERIES, SCOPES
 from timm_prune.data import DATASET_PRESETS
 from timm_prune.methods import get_method
 
-# Recipe defaults per method, for flags left unset (PruneConfig's own defaults apply to other methods).
-# POF's penalty is an energy averaged over output units and layers, so its per-weight gradient is small:
-# a weight in the hundreds polarises a small network within a few epochs (300: digits, 10 epochs, candidate
-# energy 0.07 -> 0.0002). The candidate set moves slowly, so re-selecting it every 10 steps (a per-layer
-# k-th value, the penalty's main CPU cost) instead of every step saves time.
-METHOD_RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {"pof": {"penalty_weight": 300.0, "threshold_refresh": 10}}
+# Recipe defaults per method, for flags left unset (PruneConfig's own defaults apply otherwise). POF's
+# candidate set moves slowly, so re-selecting it every 10 steps (a per-layer k-th value, the penalty's main
+# CPU cost) instead of every step saves time.
+METHOD_RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {"pof": {"threshold_refresh": 10}}
 
 # PruneConfig fields shared by all methods, with their flags below.
 SHARED_PRUNE_FIELDS = ("method", "sparsity", "scope", "target_modules", "exclude_modules", "penalty_weight", "recovery")
@@ -124,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scope", type=str, default="layer", help=f"one of {list(SCOPES)}")
     g.add_argument("--target_modules", type=str, nargs="+", default=None, help="one regex, or names/suffixes")
     g.add_argument("--exclude_modules", type=str, nargs="+", default=None, help="one regex, or names/suffixes")
-    g.add_argument("--penalty_weight", type=float, default=None, help="default: pof 300, else PruneConfig's")
+    g.add_argument("--penalty_weight", type=float, default=None, help="default: the method's (pof 300, slr 1)")
     g.add_argument("--recovery", type=str, default="mean", help=f"one of {list(RECOVERIES)}")
     g.add_argument("--bn_batches", type=int, default=10, help="batches for the BatchNorm re-estimation row")
     for name, (ftype, methods, default) in method_fields().items():

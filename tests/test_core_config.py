@@ -50,6 +50,12 @@ def test_config_json_round_trip(tmp_path):
     assert config != timm_prune.PruneConfig(sparsity=0.7)
 
 
+def test_penalty_weight_defaults_to_the_method_default():
+    assert timm_prune.PruneConfig().penalty_weight == 300.0  # POF's energy is a mean of fractions
+    assert timm_prune.PruneConfig(method="slr").penalty_weight == 1.0
+    assert timm_prune.PruneConfig(penalty_weight=2).penalty_weight == 2.0
+
+
 def test_method_fields_read_as_attributes():
     config = timm_prune.PruneConfig(threshold_refresh=7)
     assert config.threshold_refresh == 7

@@ -45,7 +45,9 @@ class PruneConfig:
             exact names / name suffixes, as in PEFT. ``None``: every Conv2d and Linear except the stem
             conv and the classifier (from the model's ``pretrained_cfg``).
         exclude_modules: same syntax; removed from the targets.
-        penalty_weight: multiplier of the method's training penalty (``PrunableModel.penalty()``).
+        penalty_weight: multiplier of the method's training penalty (``PrunableModel.penalty()``); ``None``: the
+            method's own default (``default_penalty_weight``: 300 for POF, whose energy is a mean of fractions,
+            1 for SLR).
         recovery: what ``recover()`` does after pruning: ``"mean"`` (pruned entries of each output unit
             act as their mean), ``"layer_mean"`` (one mean per layer), ``"renorm"`` (rescale each unit's
             kept weights to its former norm) or ``"none"``.
@@ -57,7 +59,7 @@ class PruneConfig:
     scope: str = "layer"
     target_modules: str | list[str] | None = None
     exclude_modules: str | list[str] | None = None
-    penalty_weight: float = 1.0
+    penalty_weight: float | None = None
     recovery: str = "mean"
     method_options: Any = field(default=None, repr=True)
 
@@ -68,7 +70,7 @@ class PruneConfig:
         scope: str = "layer",
         target_modules: str | list[str] | None = None,
         exclude_modules: str | list[str] | None = None,
-        penalty_weight: float = 1.0,
+        penalty_weight: float | None = None,
         recovery: str = "mean",
         **method_options: Any,
     ) -> None:
@@ -80,6 +82,8 @@ class PruneConfig:
             raise ValueError(f"PruneConfig.scope must be one of {list(SCOPES)}; got {scope!r}")
         _check_patterns("target_modules", target_modules)
         _check_patterns("exclude_modules", exclude_modules)
+        if penalty_weight is None:
+            penalty_weight = get_method(method).default_penalty_weight
         if isinstance(penalty_weight, bool) or not isinstance(penalty_weight, (int, float)) or penalty_weight < 0:
             raise ValueError(f"PruneConfig.penalty_weight must be a number >= 0; got {penalty_weight!r}")
         if recovery not in RECOVERIES:

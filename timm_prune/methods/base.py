@@ -33,6 +33,8 @@ class NoOptions:
 class PruneMethod(nn.Module):
     name: ClassVar[str] = ""
     options_cls: ClassVar[type] = NoOptions
+    # PruneConfig.penalty_weight when the user gives none.
+    default_penalty_weight: ClassVar[float] = 1.0
     # Structured methods remove whole channels in ``prune_structured`` instead of masking weights.
     structured: ClassVar[bool] = False
 

@@ -72,6 +72,9 @@ class PofOptions:
 @register_method("pof")
 class PofMethod(PruneMethod):
     options_cls = PofOptions
+    # The penalty is a mean of per-unit energy fractions, small next to a task loss; 300 polarised the default
+    # recipe's ResNet-10t (70 %: pruned 98.3 % vs 50.8 % at weight 20, same dense accuracy). Issue 5 re-tunes it.
+    default_penalty_weight = 300.0
 
     def __init__(self, config) -> None:
         super().__init__(config)
