@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .masking import RECOVERY_KINDS  # noqa: F401  (re-exported: what from_pretrained(recover=...) can apply)
+
 CONFIG_NAME = "config.json"
 DENSE_WEIGHTS_NAME = "model.safetensors"
 COMPACT_WEIGHTS_NAME = "model_compact.safetensors"
@@ -35,7 +37,6 @@ OWN_FILES = (
 )
 SAVE_FORMATS = {"dense": DENSE_WEIGHTS_NAME, "compact": COMPACT_WEIGHTS_NAME}
 SCHEMA_VERSION = 1
-RECOVERY_KINDS = ("mean", "layer_mean", "renorm")  # what from_pretrained(recover=...) can apply
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pth.tar", ".pkl", ".pickle", ".ckpt")
 
 # Key suffixes of one pruned tensor in the compact file: its kept values in storage order, and its keep-mask

@@ -14,10 +14,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .masking import RECOVERY_KINDS
 from .methods.registry import get_method, list_methods
 
 SCOPES = ("layer", "global")
-RECOVERIES = ("mean", "layer_mean", "renorm", "none")
+RECOVERIES = RECOVERY_KINDS + ("none",)
 CONFIG_SCHEMA_VERSION = 1
 
 

@@ -112,6 +112,10 @@ def _unit_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+# Data-free recoveries `recovery_statistics` computes ("none" is the absence of one).
+RECOVERY_KINDS = ("mean", "layer_mean", "renorm")
+
+
 def recovery_statistics(weight: torch.Tensor, keep: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-unit ``(mean, scale)`` of a data-free recovery, from the weight before pruning.
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .config import PruneConfig
-from .masking import LayerReport, PruneReport, count_zeros, recovery_statistics
+from .masking import RECOVERY_KINDS, LayerReport, PruneReport, count_zeros, recovery_statistics
 from .methods.registry import get_method
 from .parametrizations import (
     MaskedWeight,
@@ -25,8 +25,6 @@ from .parametrizations import (
 from .targets import find_targets, weight_transformed_in_forward
 
 logger = logging.getLogger(__name__)
-
-_RECOVERY_KINDS = ("mean", "layer_mean", "renorm")
 
 
 class PrunableModel(nn.Module):
@@ -42,6 +40,8 @@ class PrunableModel(nn.Module):
         self.model = model
         self.config = config
         self.pruner = get_method(config.method)(config)
+        # Structured methods rebuild the whole model, so they need it (a plain reference, not a child).
+        self.pruner.__dict__["root"] = model
         self.pruner.attach(targets)
         # Method state (SLR's copies of the weights, POF's step counter) is identical on every rank by
         # construction; DDP must not re-broadcast it from rank 0 on every forward.
@@ -109,7 +109,7 @@ class PrunableModel(nn.Module):
         for name, module in self.targets.items():
             keep = keep_masks[name]
             weight = unmasked_weight(module).detach()
-            self._recovery_stats[name] = {kind: recovery_statistics(weight, keep, kind) for kind in _RECOVERY_KINDS}
+            self._recovery_stats[name] = {kind: recovery_statistics(weight, keep, kind) for kind in RECOVERY_KINDS}
             mask = masked_weight(module)
             if mask is None:
                 parametrize.register_parametrization(module, "weight", MaskedWeight(keep))
@@ -140,8 +140,8 @@ class PrunableModel(nn.Module):
         layer whose pruned entries hold ``mean`` (see ``masking.recovery_statistics``). ``"none"`` undoes it.
         """
         kind = self.config.recovery if kind is None else kind
-        if kind not in _RECOVERY_KINDS + ("none",):
-            raise ValueError(f"recover(kind=...) must be one of {list(_RECOVERY_KINDS + ('none',))}; got {kind!r}")
+        if kind not in RECOVERY_KINDS + ("none",):
+            raise ValueError(f"recover(kind=...) must be one of {list(RECOVERY_KINDS + ('none',))}; got {kind!r}")
         if kind != "none" and not self.is_pruned:
             raise RuntimeError("recover() needs a pruned model: call prune() first")
         for name, module in self.targets.items():
