@@ -129,11 +129,11 @@ def scalar_logs(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def results_table(rows: list[tuple[str, float | None]], sparsity: float, title: str) -> str:
+def results_table(rows: list[tuple[str, float | None]], footer: str, title: str) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [title, f"| {'model'.ljust(width)} | accuracy |", f"|{'-' * (width + 2)}|---------:|"]
     for name, accuracy in rows:
         shown = "n/a" if accuracy is None else f"{100 * accuracy:.2f}%"
         lines.append(f"| {name.ljust(width)} | {shown:>8} |")
-    lines.append(f"measured sparsity of the targeted weights: {100 * sparsity:.2f}%")
+    lines.append(footer)
     return "\n".join(lines)

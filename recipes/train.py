@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import time
-from functools import partial
 from typing import Any
 
 import timm
@@ -50,7 +49,6 @@ from timm.scheduler import create_scheduler_v2
 from tqdm.auto import tqdm
 
 import timm_prune
-from timm_prune import hub
 from timm_prune.data import ImageClassificationDataset, create_loader, create_transforms, load_image_splits
 
 
@@ -300,9 +298,25 @@ def finish(
 ) -> None:
     """Prune, evaluate every variant, check ranks agree, save (and push) from the main process."""
     accuracy = {"dense": evaluate(pm, eval_loader, accelerator)}
+    structured = pm.pruner.structured
+    if structured:
+        # Structured methods choose channels on the trained model: gates train with the weights frozen, on the
+        # same un-sharded batches on every process, so every rank removes the same channels.
+        gate_batches = torch.utils.data.DataLoader(
+            bn_loader.dataset,
+            batch_size=pm.config.gate_batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        gate_history = pm.pruner.train_gates(_repeat(gate_batches), num_batches=pm.config.num_batches)
+        accelerator.print(
+            f"gates: {len(gate_history['loss'])} steps, loss {gate_history['loss'][0]:.3f} -> "
+            f"{gate_history['loss'][-1]:.3f}, FLOPs ratio {gate_history['flops_ratio'][-1]:.3f}"
+        )
     report = pm.prune()
     accuracy["pruned"] = evaluate(pm, eval_loader, accelerator)
-    recovery = pm.config.recovery
+    # Recovery fills masked entries; a structured method leaves none (its channels are gone).
+    recovery = "none" if structured else pm.config.recovery
     if recovery != "none":
         pm.recover()
         accuracy["recovered"] = evaluate(pm, eval_loader, accelerator)
@@ -325,29 +339,34 @@ def finish(
         raise RuntimeError(f"processes disagree on the pruned model: {all_hashes}")
 
     metrics = {f"accuracy_{name}": value for name, value in accuracy.items()}
-    metrics.update(sparsity=report.sparsity, dataset=args.dataset, num_processes=world)
+    metrics.update(dataset=args.dataset, num_processes=world)
+    rows = [("dense (trained)", accuracy["dense"]), ("pruned", accuracy["pruned"])]
+    if recovery != "none":
+        rows.append((f"pruned + {recovery} recovery", accuracy.get("recovered")))
+    bn_row = f"pruned + BN re-estimated ({bn_used} batches)" if bn_used else "pruned + BN (no BatchNorm)"
+    rows.append((bn_row, accuracy["bn_recalibrated"]))
+    if structured:
+        metrics.update(flops_ratio=report.flops_ratio, params_after=report.params_after, speedup=report.speedup)
+        title = f"{args.model} / {args.dataset} / {pm.config.method} to {pm.config.flops_target:g} of the FLOPs"
+        speedup = f", CPU latency x{report.speedup:.2f}" if report.speedup else ""
+        footer = (
+            f"FLOPs {100 * report.flops_ratio:.2f}% of dense, params {report.params_before:,} -> "
+            f"{report.params_after:,}{speedup}"
+        )
+    else:
+        metrics.update(sparsity=report.sparsity)
+        title = f"{args.model} / {args.dataset} / {pm.config.method} at {100 * pm.config.sparsity:.0f}% sparsity"
+        footer = f"measured sparsity of the targeted weights: {100 * report.sparsity:.2f}%"
     pm.metrics.update(metrics)
-    rows = [
-        ("dense (trained)", accuracy["dense"]),
-        ("pruned", accuracy["pruned"]),
-        (f"pruned + {recovery} recovery", accuracy.get("recovered")),
-        (
-            f"pruned + BN re-estimated ({bn_used} batches)" if bn_used else "pruned + BN (no BatchNorm)",
-            accuracy["bn_recalibrated"],
-        ),
-    ]
-    title = f"{args.model} / {args.dataset} / {pm.config.method} at {100 * pm.config.sparsity:.0f}% sparsity"
-    table = results_table(rows, report.sparsity, title)
+    table = results_table(rows, footer, title)
     hub_url = None
     if accelerator.is_main_process:
         # model_args: create_model kwargs timm's config.json would not record (e.g. a ViT's patch_size).
         model_args = args.model_kwargs or None
-        save_pretrained = getattr(pm, "save_pretrained", None) or partial(hub.save_pretrained, pm)
-        save_pretrained(args.output_dir, model_args=model_args)
+        pm.save_pretrained(args.output_dir, model_args=model_args)
         if args.push_to_hub:
             repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-            push_to_hub = getattr(pm, "push_to_hub", None) or partial(hub.push_to_hub, pm)
-            hub_url = push_to_hub(repo_id, private=args.hub_private, model_args=model_args)
+            hub_url = pm.push_to_hub(repo_id, private=args.hub_private, model_args=model_args)
         summary = {
             "final": metrics,
             "history": state.history,
@@ -368,6 +387,12 @@ def finish(
     accelerator.print(f"\n{table}\nsaved to {args.output_dir}" + (f", pushed: {hub_url}" if hub_url else ""))
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def _repeat(loader: Any) -> Any:
+    """Batches of ``loader``, epoch after epoch (gate training may want more steps than one epoch has)."""
+    while True:
+        yield from loader
 
 
 if __name__ == "__main__":

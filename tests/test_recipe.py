@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
 
@@ -117,6 +118,24 @@ def test_two_cpu_processes_really_run_as_two_ranks_and_agree(tmp_path: Path) -> 
     assert metrics["world_size"] == 2 and metrics["masks_sha256"] == ranks[0][3]
     # Each rank trained on its own half: 64 images / (2 ranks x 16) = 2 steps an epoch, 3 steps in all.
     assert [r["step"] for r in metrics["history"]] == [2, 3]
+
+
+def test_autobot_run_trains_gates_removes_channels_and_saves(tmp_path: Path) -> None:
+    out = tmp_path / "autobot"
+    flags = [*TINY, "--method", "autobot", "--flops_target", "0.5", "--num_batches", "3", "--gate_batch_size", "8"]
+    flags += ["--latency_runs", "0", "--max_train_steps", "2", "--report_to", "none", "--output_dir", str(out)]
+    result = launch(flags, tmp_path)
+    check_ok(result)
+    assert "gates: 3 steps" in result.stdout and "of the FLOPs" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    final = metrics["final"]
+    assert 0.48 <= final["flops_ratio"] <= 0.5, final  # exact FLOPs selection lands just under the target
+    assert "accuracy_recovered" not in final  # no masked entries to recover: the channels are gone
+    dense = timm.create_model("test_resnet", num_classes=10)  # the digits have 10 classes
+    loaded = timm_prune.from_pretrained(str(out))
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in dense.parameters())
+    with torch.no_grad():
+        assert loaded(torch.randn(2, 3, 16, 16)).shape == (2, 10)
 
 
 def test_resume_from_checkpoint_reaches_the_uninterrupted_weights(tmp_path: Path) -> None:

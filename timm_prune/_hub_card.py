@@ -152,13 +152,15 @@ def render_card(
         plot_name=plot_name,
         save_format=save_format,
         library_version=pruning.get("library_version", "?"),
+        # Structured methods (channels removed): their report, else None.
+        structured=report if report.get("kind") == "structured" else None,
     )
     return str(card)
 
 
 def default_recovery(pruning: dict[str, Any]) -> str:
     """What ``from_pretrained(recover=True)`` applies: the recovery active at save time, else the config's."""
-    if not pruning.get("report"):
-        return "none"
+    if not pruning.get("report") or pruning.get("structure") is not None:
+        return "none"  # never pruned, or channels removed (nothing to recover)
     saved = pruning.get("recovery", "none")
     return saved if saved != "none" else pruning["config"].get("recovery", "none")

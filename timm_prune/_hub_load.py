@@ -231,6 +231,14 @@ def load_directory(source: Source, recover: bool | str, device: str | torch.devi
 
     # timm's own reader of config.json, so the model is configured exactly as stock timm would configure it.
     model = timm.create_model(f"local-dir:{directory}", pretrained=False)
+    structure = pruning.get("structure")
+    if structure is not None:  # a structured method narrowed the model: rebuild that before the weights load
+        from .structured import apply_structure
+
+        try:
+            apply_structure(model, structure)
+        except (AttributeError, TypeError, ValueError, RuntimeError) as e:
+            raise FileFormatError(PRUNING_CONFIG_NAME, f"its 'structure' does not fit the architecture ({e})") from e
     problems = state_dict_mismatch(model.state_dict(), tensors)
     if problems:
         raise FileFormatError(
@@ -241,7 +249,15 @@ def load_directory(source: Source, recover: bool | str, device: str | torch.devi
         model.to(dtypes.pop())  # keep a half-precision save in half precision
     model.load_state_dict(tensors, strict=True)
     pm = convert(model, prune_config)
-    if pruning.get("report"):
+    if structure is not None:
+        from .structured import StructuredReport
+
+        try:
+            pm.last_report = StructuredReport.from_dict(pruning["report"])
+        except (KeyError, TypeError) as e:
+            raise FileFormatError(PRUNING_CONFIG_NAME, f"malformed structured 'report' ({e})") from None
+        pm.pruner.__dict__["_structure"] = structure
+    elif pruning.get("report"):
         _restore_pruning(pm, pruning, directory, compact_masks, weights_name)
         if kind != "none":
             pm.recover(kind)
@@ -251,6 +267,8 @@ def load_directory(source: Source, recover: bool | str, device: str | torch.devi
 
 
 def _resolve_recovery(pruning: dict[str, Any], recover: bool | str) -> str:
+    if pruning.get("structure") is not None and recover in (True, False, None, "none"):
+        return "none"  # removed channels leave nothing to recover
     if recover is True:
         kind = card.default_recovery(pruning)
     elif recover is False or recover is None:

@@ -119,10 +119,12 @@ def _prepare(
     """Everything save_pretrained writes, computed and validated; returns ``{filename: writer(path)}``."""
     if save_format not in SAVE_FORMATS:
         raise ValueError(f"save_format must be one of {sorted(SAVE_FORMATS)}; got {save_format!r}")
-    merged = pm.merge_and_unload()
+    # Structured methods narrowed the model itself: nothing to fold, but the narrowing must be recorded.
+    structure = getattr(pm.pruner, "structure", lambda: None)() if pm.pruner.structured and pm.is_pruned else None
+    merged = pm.model if pm.pruner.structured else pm.merge_and_unload()  # only read below
     state_dict = _cpu_state_dict(merged)
     timm_config = _timm_config(merged, model_args)
-    _check_rebuild(timm_config, state_dict)
+    _check_rebuild(timm_config, state_dict, structure)
 
     masks = {name: keep.detach().cpu() for name, keep in pm.masks.items()} if pm.is_pruned else {}
     for name, keep in masks.items():
@@ -150,6 +152,8 @@ def _prepare(
         "recovery_kinds": kinds,
         "metrics": _jsonable(dict(pm.metrics), "metrics"),
     }
+    if structure is not None:
+        pruning["structure"] = _jsonable(structure, "structure")
     pruning_text = json.dumps(pruning, indent=2, allow_nan=False) + "\n"
     config_text = json.dumps(timm_config, indent=2) + "\n"
     readme = card.render_card(
@@ -232,10 +236,17 @@ def _build_timm(config: dict[str, Any], device: str | torch.device | None = None
         return timm.create_model(config["architecture"], pretrained=False, num_classes=config["num_classes"], **kwargs)
 
 
-def _check_rebuild(config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> None:
-    """The architecture config.json describes must take exactly these weights (else stock loaders break)."""
+def _check_rebuild(
+    config: dict[str, Any], state_dict: dict[str, torch.Tensor], structure: dict[str, Any] | None = None
+) -> None:
+    """The architecture config.json describes (narrowed by ``structure`` for structured methods) must take
+    exactly these weights (else the loaders break)."""
     try:
         rebuilt = _build_timm(config, "meta")  # shapes only: no memory, no init cost
+        if structure is not None:
+            from .structured import apply_structure
+
+            apply_structure(rebuilt, structure)
     except Exception as e:  # any timm factory failure means the config does not rebuild the model
         raise ValueError(
             f"save_pretrained: timm cannot rebuild {config['architecture']!r} from the config it would write "

@@ -1,6 +1,7 @@
 """Pruning methods, one module each, registered by name (see ``registry.py``)."""
 
 from . import (
+    autobot,  # noqa: F401  (registers "autobot")
     pof,  # noqa: F401  (registers "pof")
     slr,  # noqa: F401  (registers "slr")
 )

@@ -1,0 +1,254 @@
+"""AutoBot: gate training, exact FLOPs selection, physical channel removal, report, save -> from_pretrained."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import timm_prune
+from timm_prune.structured import StructuredReport, measure_flops
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors on 2 shared cores: one intra-op thread is much faster (see test_slr.py).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# Different families: plain residual, inverted residual + SE, depthwise + LayerNorm2d, grouped convs,
+# concatenations, hard-swish mobile, ViT, BYOB, re-param VGG, HGNet, conv + attention hybrids (MobileViT,
+# EfficientViT, EdgeNeXt): (create_model kwargs, input size).
+ARCHS = {
+    "test_resnet": ({}, 32),
+    "test_efficientnet": ({}, 32),
+    "test_convnext": ({}, 32),
+    "regnetx_002": ({}, 32),
+    "regnety_002": ({}, 32),
+    "densenet121": ({"growth_rate": 8}, 32),
+    "mobilenetv3_small_050": ({}, 32),
+    "test_vit": ({"img_size": 32}, 32),
+    "test_byobnet": ({}, 32),
+    "repvgg_a0": ({}, 32),
+    "hgnetv2_b0": ({}, 32),
+    "mobilevit_xxs": ({}, 64),
+    "efficientvit_b0": ({"depths": (1, 1, 1, 1, 1)}, 64),
+    "edgenext_xx_small": ({}, 64),
+}
+
+
+def make(name: str, **config) -> timm_prune.PrunableModel:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **ARCHS.get(name, ({}, 32))[0]).eval()
+    config.setdefault("latency_runs", 2)
+    return timm_prune.convert(model, method="autobot", **config)
+
+
+def batches(n: int = 12, labeled: bool = True, size: int = 32) -> list:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, size, size, generator=g)
+    y = torch.randint(0, 10, (8,), generator=g)
+    return [(x, y) if labeled else x] * n
+
+
+def target_channels(pm: timm_prune.PrunableModel) -> dict[str, int]:
+    return {n: (m.out_features if isinstance(m, nn.Linear) else m.out_channels) for n, m in pm.targets.items()}
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_train_prune_save_load(name: str, tmp_path) -> None:
+    kwargs, size = ARCHS[name]
+    pm = make(name, flops_target=0.5)
+    before_channels = target_channels(pm)
+    history = pm.pruner.train_gates(batches(size=size), lr=0.5)
+    # Gates train: the loss goes down and the gates leave their initial value.
+    assert history["loss"][-1] < history["loss"][0]
+    assert (pm.pruner.gates() - 0.9).abs().max() > 0.05
+    counter = pm.pruner.__dict__["_counter"]
+    keep, _ = pm.pruner.plan()
+    planned = counter.keep_flops(keep)
+
+    report = pm.prune()
+    assert isinstance(report, StructuredReport) and pm.last_report is report
+    x = batches(1, size=size)[0][0]
+    # FLOPs of the pruned model, counted independently, meet the target within 2% (and never exceed it).
+    measured = measure_flops(pm.model, x)
+    assert measured == report.flops_after == pytest.approx(planned)
+    assert report.flops_before == measure_flops(timm.create_model(name, num_classes=10, **kwargs).eval(), x)
+    assert 0.98 * report.target_flops <= report.flops_after <= report.target_flops
+    assert report.flops_ratio == pytest.approx(0.5, abs=0.01)
+    # Physically narrower, and runs.
+    after_channels = target_channels(pm)
+    assert sum(after_channels.values()) < sum(before_channels.values())
+    assert all(after_channels[n] >= 1 for n in after_channels)
+    assert report.params_after < report.params_before
+    assert sum(p.numel() for p in pm.parameters() if p is not None) < report.params_before + 1
+    assert report.latency_ms_before > 0 and report.latency_ms_after > 0
+    assert all(1 <= row["kept"] <= row["channels"] for row in report.groups)
+    pm.eval()
+    out = pm(x)
+    assert out.shape == (8, 10) and torch.isfinite(out).all()
+
+    # save -> from_pretrained rebuilds the narrowed architecture and reproduces the outputs exactly.
+    pm.save_pretrained(tmp_path, model_args=kwargs or None)
+    saved = json.loads((tmp_path / "pruning_config.json").read_text())
+    assert saved["structure"]["modules"] and saved["report"]["kind"] == "structured"
+    card = (tmp_path / "README.md").read_text()
+    assert "whole channels removed" in card and "MFLOPs" in card
+    assert 'timm.create_model("hf-hub:' not in card  # stock timm cannot rebuild the narrowed model
+    loaded = timm_prune.from_pretrained(tmp_path)
+    assert isinstance(loaded.last_report, StructuredReport)
+    assert loaded.last_report.flops_after == report.flops_after
+    assert {k: v.shape for k, v in loaded.model.state_dict().items()} == {
+        k: v.shape for k, v in pm.model.state_dict().items()
+    }
+    torch.testing.assert_close(loaded(x), out, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet", "densenet121", "regnetx_002"])
+def test_flops_count_matches_flop_counter_mode(name: str) -> None:
+    pm = make(name)
+    pm.pruner.train_gates(batches(1), num_batches=1)
+    counter = pm.pruner.__dict__["_counter"]
+    x = batches(1)[0][0][:1]
+    reference = FlopCounterMode(display=False)
+    with torch.no_grad(), reference:
+        pm.model(x)
+    # CNNs: convs and linears are everything FlopCounterMode counts, so the gated count alone must match it.
+    dense = counter.count(torch.ones(counter.total, dtype=torch.float64))
+    assert float(dense) == reference.get_total_flops()
+    assert counter.rest == 0
+    # And it is differentiable in the gates, every gate moving the count.
+    gates = torch.full((counter.total,), 0.5, dtype=torch.float64, requires_grad=True)
+    counter.count(gates).backward()
+    assert (gates.grad > 0).all()
+
+
+def test_vit_attention_flops_are_the_constant_rest() -> None:
+    pm = make("test_vit")
+    for module in pm.model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False  # explicit q @ k^T and attn @ v, which FlopCounterMode counts
+    pm.pruner.train_gates(batches(1), num_batches=1)
+    counter = pm.pruner.__dict__["_counter"]
+    blocks = pm.model.blocks
+    tokens = pm.model.patch_embed.num_patches + pm.model.num_prefix_tokens
+    dim = blocks[0].attn.num_heads * blocks[0].attn.head_dim
+    # Two matmuls per block, each tokens x tokens x dim MACs: 2 FLOPs per MAC.
+    assert counter.rest == len(blocks) * 2 * 2 * tokens * tokens * dim
+    assert counter.dense == measure_flops(pm.model, batches(1)[0][0])
+    pm.prune()
+    assert pm.last_report.flops_after <= pm.last_report.target_flops
+    # Head counts never change: the q/k/v outputs stay whole, the MLPs narrow.
+    assert all(b.attn.qkv.out_features == 3 * dim for b in blocks)
+    assert sum(b.mlp.fc1.out_features for b in blocks) < sum(4 * dim for _ in blocks)
+
+
+def test_unlabeled_batches_absolute_target_and_state_restored() -> None:
+    pm = make("test_resnet", flops_target=0.5, latency_runs=0)
+    pm.pruner.train_gates(batches(1), num_batches=1)
+    dense = pm.pruner.__dict__["_counter"].dense
+    pm = make("test_resnet", flops_target=0.4 * dense / 1e6, latency_runs=0)  # absolute MFLOPs
+    pm.model.train()
+    weights = {k: v.clone() for k, v in pm.model.state_dict().items()}
+    history = pm.pruner.train_gates(batches(6, labeled=False), num_batches=4)
+    assert len(history["loss"]) == 4
+    # Weights untouched, trainable again, training mode restored; only the gates moved.
+    for k, v in pm.model.state_dict().items():
+        torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
+    assert all(p.requires_grad for p in pm.model.parameters())
+    assert pm.model.training
+    report = pm.prune()
+    assert report.latency_ms_before is None
+    assert report.flops_after <= 0.4 * dense and report.flops_after >= 0.98 * 0.4 * dense
+    json.dumps(report.to_dict())
+    text = str(report)
+    assert "FLOPs" in text and "layer4" in text
+
+
+def test_at_least_one_channel_per_group_and_target_too_low() -> None:
+    pm = make("test_efficientnet", flops_target=0.05, latency_runs=0)
+    pm.pruner.train_gates(batches(2), num_batches=2)
+    with pytest.raises(ValueError, match="flops_target.*one channel per group"):
+        pm.prune()
+    pm = make("test_efficientnet", flops_target=0.2, latency_runs=0)
+    pm.pruner.train_gates(batches(2), num_batches=2)
+    report = pm.prune()
+    assert min(row["kept"] for row in report.groups) >= 1
+    assert report.flops_after <= report.target_flops
+
+
+def test_prune_needs_trained_gates() -> None:
+    pm = make("test_resnet")
+    with pytest.raises(RuntimeError, match="train_gates"):
+        pm.prune()
+
+
+def test_plan_is_checked_against_the_pruned_layers() -> None:
+    # GhostNet: torch-pruning leaves layers untouched that the plan narrows; this must not pass silently.
+    pm = make("ghostnet_050", flops_target=0.5, latency_runs=0)
+    pm.pruner.train_gates(batches(2), num_batches=2)
+    with pytest.raises(RuntimeError, match="output channels after pruning"):
+        pm.prune()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("flops_target", 0),
+        ("flops_target", 1),
+        ("flops_target", -0.5),
+        ("beta", -1),
+        ("gamma", float("nan")),
+        ("gate_lr", 0),
+        ("num_batches", 0),
+        ("gate_batch_size", 2.5),
+        ("gate_init", 1.0),
+        ("input_size", [3, 32]),
+        ("latency_runs", -1),
+    ],
+)
+def test_config_errors_name_the_field(field: str, value) -> None:
+    with pytest.raises(ValueError, match=f"PruneConfig.{field}"):
+        timm_prune.PruneConfig(method="autobot", **{field: value})
+
+
+def test_config_round_trip() -> None:
+    config = timm_prune.PruneConfig(method="autobot", flops_target=0.3, beta=4.0, input_size=[3, 32, 32])
+    assert timm_prune.PruneConfig.from_json(config.to_json()) == config
+    assert config.gate_init == 0.9 and config.num_batches == 200 and config.gate_batch_size == 64
+
+
+def test_gates_leave_no_trace_before_prune() -> None:
+    pm = make("test_resnet")
+    x = batches(1)[0][0]
+    dense = pm(x)
+    pm.pruner.train_gates(batches(3), num_batches=3)
+    # Gate hooks are gone after training: the model computes exactly what it did.
+    torch.testing.assert_close(pm(x), dense, rtol=0, atol=0)
+    # A pruned model needs new gates before pruning again (the old ones describe the dense model).
+    pm.prune()
+    with pytest.raises(RuntimeError, match="untrained"):
+        pm.prune()
+
+
+def test_tampered_structure_is_a_file_format_error(tmp_path) -> None:
+    from timm_prune.hub import FileFormatError
+
+    pm = make("test_resnet", latency_runs=0)
+    pm.pruner.train_gates(batches(2), num_batches=2)
+    pm.prune()
+    pm.save_pretrained(tmp_path)
+    path = tmp_path / "pruning_config.json"
+    data = json.loads(path.read_text())
+    data["structure"]["tensors"]["no.such.weight"] = [1]
+    path.write_text(json.dumps(data))
+    with pytest.raises(FileFormatError, match="structure"):
+        timm_prune.from_pretrained(tmp_path)
