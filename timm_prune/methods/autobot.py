@@ -47,17 +47,13 @@ from ..structured import (
     snapshot,
     structure_diff,
 )
-from .base import PruneMethod
+from .base import PruneMethod, is_number
 from .registry import register_method
 
 # Selection gives back removed channels (highest gate first) until the FLOPs are within this fraction of the
 # target, trying at most this many channels.
 _REFILL_TOLERANCE = 0.005
 _MAX_REFILL = 512
-
-
-def _number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 @dataclass
@@ -83,20 +79,20 @@ class AutobotOptions:
 
     def __post_init__(self) -> None:
         t = self.flops_target
-        if not _number(t) or t <= 0 or t == 1:
+        if not is_number(t) or t <= 0 or t == 1:
             raise ValueError(
                 f"PruneConfig.flops_target must be a fraction in (0, 1) of the dense FLOPs or MFLOPs > 1; got {t!r}"
             )
         for name in ("beta", "gamma"):
-            if not _number(getattr(self, name)) or getattr(self, name) < 0:
+            if not is_number(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"PruneConfig.{name} must be a number >= 0; got {getattr(self, name)!r}")
-        if not _number(self.gate_lr) or self.gate_lr <= 0:
+        if not is_number(self.gate_lr) or self.gate_lr <= 0:
             raise ValueError(f"PruneConfig.gate_lr must be a number > 0; got {self.gate_lr!r}")
         for name in ("num_batches", "gate_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"PruneConfig.{name} must be an integer >= 1; got {value!r}")
-        if not _number(self.gate_init) or not 0 < self.gate_init < 1:
+        if not is_number(self.gate_init) or not 0 < self.gate_init < 1:
             raise ValueError(f"PruneConfig.gate_init must be in (0, 1); got {self.gate_init!r}")
         if self.input_size is not None:
             size = list(self.input_size)

@@ -12,8 +12,9 @@ layers, never registers them as children, and answers four questions:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,15 @@ from ..parametrizations import unmasked_weight
 
 if TYPE_CHECKING:
     from ..config import PruneConfig
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool: what numeric option fields accept."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def is_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int)
 
 
 @dataclass

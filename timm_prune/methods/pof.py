@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .base import PruneMethod
+from .base import PruneMethod, is_int
 from .registry import register_method
 
 _EPS = 1e-12
@@ -57,13 +57,9 @@ class PofOptions:
     criterion: str = "direction"
 
     def __post_init__(self) -> None:
-        if isinstance(self.penalty_warmup, bool) or not isinstance(self.penalty_warmup, int) or self.penalty_warmup < 0:
+        if not is_int(self.penalty_warmup) or self.penalty_warmup < 0:
             raise ValueError(f"PruneConfig.penalty_warmup must be an integer >= 0; got {self.penalty_warmup!r}")
-        if (
-            isinstance(self.threshold_refresh, bool)
-            or not isinstance(self.threshold_refresh, int)
-            or self.threshold_refresh < 1
-        ):
+        if not is_int(self.threshold_refresh) or self.threshold_refresh < 1:
             raise ValueError(f"PruneConfig.threshold_refresh must be an integer >= 1; got {self.threshold_refresh!r}")
         if self.criterion not in ("direction", "weight"):
             raise ValueError(f"PruneConfig.criterion must be 'direction' or 'weight'; got {self.criterion!r}")

@@ -56,14 +56,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..masking import global_keep_masks, layer_keep_mask
-from .base import PruneMethod
+from .base import PruneMethod, is_number
 from .registry import register_method
 
 _TensorOf = Callable[[str], torch.Tensor]
-
-
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 @dataclass
@@ -81,13 +77,13 @@ class SlrOptions:
     layer_sparsity: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
-        if not _is_number(self.rho) or self.rho <= 0:
+        if not is_number(self.rho) or self.rho <= 0:
             raise ValueError(f"PruneConfig.rho must be a finite number > 0; got {self.rho!r}")
-        if not _is_number(self.M) or self.M <= 1:
+        if not is_number(self.M) or self.M <= 1:
             raise ValueError(f"PruneConfig.M must be a finite number > 1; got {self.M!r}")
-        if not _is_number(self.r) or not 0 < self.r < 1:
+        if not is_number(self.r) or not 0 < self.r < 1:
             raise ValueError(f"PruneConfig.r must be a number in (0, 1); got {self.r!r}")
-        if not _is_number(self.initial_step) or self.initial_step <= 0:
+        if not is_number(self.initial_step) or self.initial_step <= 0:
             raise ValueError(f"PruneConfig.initial_step must be a finite number > 0; got {self.initial_step!r}")
         if self.layer_sparsity is None:
             return
@@ -103,7 +99,7 @@ class SlrOptions:
                 re.compile(key)
             except re.error as e:
                 raise ValueError(f"PruneConfig.layer_sparsity key {key!r} is not a valid regex ({e})") from None
-            if not _is_number(value) or not 0.0 <= value < 1.0:
+            if not is_number(value) or not 0.0 <= value < 1.0:
                 raise ValueError(f"PruneConfig.layer_sparsity[{key!r}] must be a number in [0, 1); got {value!r}")
         # Floats, so that a JSON round trip (where 0 and 0.0 differ in type only) compares equal.
         self.layer_sparsity = {k: float(v) for k, v in self.layer_sparsity.items()}
