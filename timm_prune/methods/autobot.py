@@ -47,7 +47,7 @@ from ..structured import (
     snapshot,
     structure_diff,
 )
-from .base import PruneMethod, is_number
+from .base import PruneMethod, is_int, is_number
 from .registry import register_method
 
 # Selection gives back removed channels (highest gate first) until the FLOPs are within this fraction of the
@@ -90,16 +90,16 @@ class AutobotOptions:
             raise ValueError(f"PruneConfig.gate_lr must be a number > 0; got {self.gate_lr!r}")
         for name in ("num_batches", "gate_batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"PruneConfig.{name} must be an integer >= 1; got {value!r}")
         if not is_number(self.gate_init) or not 0 < self.gate_init < 1:
             raise ValueError(f"PruneConfig.gate_init must be in (0, 1); got {self.gate_init!r}")
         if self.input_size is not None:
             size = list(self.input_size)
-            if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+            if len(size) != 3 or not all(is_int(v) and v > 0 for v in size):
                 raise ValueError(f"PruneConfig.input_size must be None or [C, H, W] positive ints; got {size!r}")
             self.input_size = size
-        if isinstance(self.latency_runs, bool) or not isinstance(self.latency_runs, int) or self.latency_runs < 0:
+        if not is_int(self.latency_runs) or self.latency_runs < 0:
             raise ValueError(f"PruneConfig.latency_runs must be an integer >= 0; got {self.latency_runs!r}")
 
 
