@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from timm.layers.conv2d_same import Conv2dSame, conv2d_same
 from torch.nn.utils import parametrize
 
 
@@ -72,8 +73,6 @@ def unmasked_weight(module: nn.Module) -> torch.Tensor:
 
 def _conv_path(module: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Convolve ``x`` with ``weight`` exactly as ``module`` would: same padding mode, stride, dilation, groups."""
-    from timm.layers.conv2d_same import Conv2dSame, conv2d_same
-
     if type(module).forward is Conv2dSame.forward:
         return conv2d_same(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
     return nn.Conv2d._conv_forward(module, x, weight, None)

@@ -8,6 +8,7 @@ stem conv and the classifier, which timm names in the model's ``pretrained_cfg``
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -16,7 +17,8 @@ import torch.nn as nn
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
-def _conv_forwards() -> set:
+@functools.cache
+def _conv_forwards() -> frozenset:
     forwards = {nn.Conv2d.forward}
     try:  # timm's TF-style "same" padding conv keeps the weight as stored
         from timm.layers.conv2d_same import Conv2dSame
@@ -24,10 +26,11 @@ def _conv_forwards() -> set:
         forwards.add(Conv2dSame.forward)
     except ImportError:  # pragma: no cover - timm always has it
         pass
-    return forwards
+    return frozenset(forwards)
 
 
-def _linear_forwards() -> set:
+@functools.cache
+def _linear_forwards() -> frozenset:
     forwards = {nn.Linear.forward}
     try:
         from timm.layers import Linear as TimmLinear
@@ -35,7 +38,7 @@ def _linear_forwards() -> set:
         forwards.add(TimmLinear.forward)
     except ImportError:  # pragma: no cover
         pass
-    return forwards
+    return frozenset(forwards)
 
 
 def weight_transformed_in_forward(module: nn.Module) -> bool:
