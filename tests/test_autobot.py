@@ -252,3 +252,9 @@ def test_tampered_structure_is_a_file_format_error(tmp_path) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(FileFormatError, match="structure"):
         timm_prune.from_pretrained(tmp_path)
+
+
+def test_no_penalty_and_no_candidate_energy_while_weights_train() -> None:
+    pm = make("test_resnet")
+    assert pm.penalty().item() == 0.0
+    assert pm.candidate_energy() == {}  # channels are chosen by gates later, not by a candidate set

@@ -193,6 +193,10 @@ class AutobotMethod(PruneMethod):
         # AutoBot trains gates, not weights: nothing to add to a weight-training loss.
         return torch.zeros((), device=next(self.root.parameters()).device)
 
+    def candidate_energy(self) -> dict[str, float]:
+        # Channels are chosen by the gates after weight training: there is no candidate set to report before.
+        return {}
+
     # ------------------------------------------------------------------ gate training
     def train_gates(
         self,
