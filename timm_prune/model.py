@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .config import PruneConfig
+from .config import RECOVERIES, PruneConfig
 from .masking import RECOVERY_KINDS, LayerReport, PruneReport, count_zeros, recovery_statistics
 from .methods.registry import get_method
 from .parametrizations import (
@@ -140,8 +140,8 @@ class PrunableModel(nn.Module):
         layer whose pruned entries hold ``mean`` (see ``masking.recovery_statistics``). ``"none"`` undoes it.
         """
         kind = self.config.recovery if kind is None else kind
-        if kind not in RECOVERY_KINDS + ("none",):
-            raise ValueError(f"recover(kind=...) must be one of {list(RECOVERY_KINDS + ('none',))}; got {kind!r}")
+        if kind not in RECOVERIES:
+            raise ValueError(f"recover(kind=...) must be one of {list(RECOVERIES)}; got {kind!r}")
         if kind != "none" and not self.is_pruned:
             raise RuntimeError("recover() needs a pruned model: call prune() first")
         for name, module in self.targets.items():
