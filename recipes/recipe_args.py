@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image_column", type=str, default=None, help="default: detected")
     g.add_argument("--label_column", type=str, default=None, help="default: detected")
     g.add_argument("--validation_fraction", type=float, default=0.2, help="hold-out when there is no val split")
+    g.add_argument(
+        "--validation_split", type=str, default=None, help="split to validate on, or 'holdout' (default: detected)"
+    )
     g.add_argument("--max_train_samples", type=int, default=None)
     g.add_argument("--max_eval_samples", type=int, default=None)
     g.add_argument("--num_workers", type=int, default=min(2, os.cpu_count() or 1), help="DataLoader workers")

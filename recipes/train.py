@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.seed,
                 args.max_train_samples,
                 args.max_eval_samples,
+                args.validation_split,
             )
         num_classes = args.num_classes or splits.num_classes
         if num_classes < splits.num_classes:

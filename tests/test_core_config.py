@@ -27,6 +27,10 @@ from timm_prune.targets import find_targets
         ({"penalty_warmup": -5}, "penalty_warmup"),
         ({"threshold_refresh": 0}, "threshold_refresh"),
         ({"criterion": "random"}, "criterion"),
+        ({"penalty_sparsities": [0.5, 1.0]}, "penalty_sparsities"),
+        ({"penalty_sparsities": []}, "penalty_sparsities"),
+        ({"penalty_sparsities": 0.5}, "penalty_sparsities"),
+        ({"threshold_sample": -1}, "threshold_sample"),
         ({"not_a_field": 1}, "not_a_field"),
     ],
 )

@@ -119,11 +119,14 @@ def load_image_splits(
     seed: int = 0,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    validation_split: str | None = None,
 ) -> ImageSplits:
     """Load ``name`` and return train / validation splits with detected columns.
 
-    The validation split is the dataset's ``validation`` / ``valid`` / ``val`` / ``test`` split, or else a
-    seeded, stratified (when labels are a ``ClassLabel``) ``validation_fraction`` hold-out of ``train``.
+    The validation split is ``validation_split`` when given (a split name, or ``"holdout"``), else the
+    dataset's ``validation`` / ``valid`` / ``val`` / ``test`` split; ``"holdout"`` (or a dataset with none of
+    those) takes a seeded, stratified (when labels are a ``ClassLabel``) ``validation_fraction`` of ``train``,
+    which keeps a test split untouched for the final figures.
     """
     import datasets
 
@@ -135,7 +138,15 @@ def load_image_splits(
     train = splits["train"]
     image_column, label_column = detect_columns(train.features, image_column, label_column)
     label_feature = train.features[label_column]
-    source = next((s for s in _VALIDATION_SPLITS if s in splits), None)
+    if validation_split not in (None, "holdout") and validation_split not in splits:
+        raise ValueError(
+            f"--validation_split {validation_split!r}: --dataset {name!r} has splits {list(splits)}; "
+            "name one of them, or use 'holdout' to hold out --validation_fraction of train"
+        )
+    if validation_split is None:
+        source = next((s for s in _VALIDATION_SPLITS if s in splits), None)
+    else:
+        source = None if validation_split == "holdout" else validation_split
     if source is not None:
         validation = splits[source]
         missing = [c for c in (image_column, label_column) if c not in validation.column_names]

@@ -33,18 +33,26 @@ def _as_bits(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).clamp_min(0.0).contiguous().view(torch.int32)
 
 
-def kth_smallest(scores: Sequence[Callable[[], torch.Tensor]], k: int) -> float:
+def _high_histogram(scores: Sequence[Callable[[], torch.Tensor]]) -> torch.Tensor:
+    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    for score_fn in scores:
+        for chunk in _chunks(score_fn()):
+            counts += torch.bincount(_as_bits(chunk) >> _HIGH_SHIFT, minlength=1 << 16)
+    return counts
+
+
+def kth_smallest(
+    scores: Sequence[Callable[[], torch.Tensor]], k: int, high_counts: torch.Tensor | None = None
+) -> float:
     """Exact k-th smallest (1-based) of all values produced by ``scores`` (non-negative), in two passes.
 
     Each callable returns one layer's scores; it is called once per pass, so scores may be computed
-    on the fly from the weights instead of being held in memory.
+    on the fly from the weights instead of being held in memory. ``high_counts``: the first pass's
+    histogram when the caller already has it.
     """
     if k < 1:
         raise ValueError(f"kth_smallest needs k >= 1; got {k}")
-    high_counts = torch.zeros(1 << 16, dtype=torch.int64)
-    for score_fn in scores:
-        for chunk in _chunks(score_fn()):
-            high_counts += torch.bincount(_as_bits(chunk) >> _HIGH_SHIFT, minlength=1 << 16)
+    high_counts = _high_histogram(scores) if high_counts is None else high_counts
     cumulative = high_counts.cumsum(0)
     if cumulative[-1] < k:
         raise ValueError(f"kth_smallest: asked for element {k} of {int(cumulative[-1])}")
@@ -88,23 +96,29 @@ def layer_keep_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def global_keep_masks(scores: Sequence[Callable[[], torch.Tensor]], sparsity: float) -> list[torch.Tensor]:
-    """Keep-masks with one threshold over all layers, pruning exactly ``round(sparsity * total)`` entries."""
-    total = 0
-    for score_fn in scores:
-        total += score_fn().numel()
-    k = num_to_prune(total, sparsity)
+    """Keep-masks with one threshold over all layers, pruning exactly ``round(sparsity * total)`` entries.
+
+    Three computations of each layer's scores (two radix passes, one masking pass); a layer is visited once
+    more only if it holds entries exactly at the threshold that are needed to reach the count.
+    """
+    high_counts = _high_histogram(scores)
+    k = num_to_prune(int(high_counts.sum()), sparsity)
     if k == 0:
         return [torch.ones_like(fn(), dtype=torch.bool) for fn in scores]
-    threshold = kth_smallest(scores, k)
-    below = 0
+    threshold = kth_smallest(scores, k, high_counts)
+    masks, tie_counts, below = [], [], 0
     for score_fn in scores:
-        for chunk in _chunks(score_fn()):
-            below += int((chunk.to(torch.float32) < threshold).sum())
-    ties_left = k - below
-    masks = []
-    for score_fn in scores:
-        keep, ties_left = _keep_below_threshold(score_fn().detach(), threshold, ties_left)
+        score = score_fn().detach().to(torch.float32)
+        keep = score > threshold
+        n_below = int((score < threshold).sum())
+        below += n_below
+        tie_counts.append(score.numel() - n_below - int(keep.sum()))
         masks.append(keep)
+    ties_left = k - below
+    # Entries equal to the threshold: the first ones in layer and storage order are pruned, the rest kept.
+    for index, (score_fn, n_ties) in enumerate(zip(scores, tie_counts, strict=True)):
+        if n_ties:
+            masks[index], ties_left = _keep_below_threshold(score_fn().detach(), threshold, ties_left)
     return masks
 
 
@@ -125,22 +139,31 @@ def recovery_statistics(weight: torch.Tensor, keep: torch.Tensor, kind: str) -> 
     - ``"renorm"``: no mean; each unit's kept weights rescaled to the unit's norm before pruning;
     - ``"none"``: mean 0, scale 1.
     """
-    w = _unit_view(weight.detach().to(torch.float32))
-    pruned = ~_unit_view(keep)
-    n_units = w.shape[0]
-    mean = torch.zeros(n_units, dtype=torch.float32, device=w.device)
-    scale = torch.ones(n_units, dtype=torch.float32, device=w.device)
-    n_pruned = pruned.sum(1)
-    if kind == "mean":
-        mean = (w * pruned).sum(1) / n_pruned.clamp_min(1)
-    elif kind == "layer_mean":
-        mean = mean + (w * pruned).sum() / n_pruned.sum().clamp_min(1)
-    elif kind == "renorm":
-        kept_norm = (w * ~pruned).norm(dim=1)
-        scale = torch.where(kept_norm > 0, w.norm(dim=1) / kept_norm.clamp_min(1e-30), scale)
-    elif kind != "none":
+    if kind == "none":
+        w = _unit_view(weight)
+        return torch.zeros(w.shape[0], device=w.device), torch.ones(w.shape[0], device=w.device)
+    if kind not in RECOVERY_KINDS:
         raise ValueError(f"unknown recovery {kind!r}; expected 'mean', 'layer_mean', 'renorm' or 'none'")
-    return mean, scale
+    return all_recovery_statistics(weight, keep)[kind]
+
+
+def all_recovery_statistics(weight: torch.Tensor, keep: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``recovery_statistics`` of every kind in ``RECOVERY_KINDS`` at once, sharing the passes over the weight."""
+    w = _unit_view(weight.detach().to(torch.float32))
+    kept = _unit_view(keep)
+    n_units = w.shape[0]
+    zeros = torch.zeros(n_units, dtype=torch.float32, device=w.device)
+    ones = torch.ones(n_units, dtype=torch.float32, device=w.device)
+    w_kept = w * kept
+    pruned_sum = w.sum(1) - w_kept.sum(1)
+    n_pruned = kept.shape[1] - kept.sum(1)
+    kept_norm = torch.linalg.vector_norm(w_kept, dim=1)
+    renorm = torch.where(kept_norm > 0, torch.linalg.vector_norm(w, dim=1) / kept_norm.clamp_min(1e-30), ones)
+    return {
+        "mean": (pruned_sum / n_pruned.clamp_min(1), ones),
+        "layer_mean": (zeros + pruned_sum.sum() / n_pruned.sum().clamp_min(1), ones),
+        "renorm": (zeros, renorm),
+    }
 
 
 @dataclass

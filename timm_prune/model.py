@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .config import RECOVERIES, PruneConfig
-from .masking import RECOVERY_KINDS, LayerReport, PruneReport, count_zeros, recovery_statistics
+from .masking import LayerReport, PruneReport, all_recovery_statistics, count_zeros
 from .methods.registry import get_method
 from .parametrizations import (
     MaskedWeight,
@@ -109,7 +109,7 @@ class PrunableModel(nn.Module):
         for name, module in self.targets.items():
             keep = keep_masks[name]
             weight = unmasked_weight(module).detach()
-            self._recovery_stats[name] = {kind: recovery_statistics(weight, keep, kind) for kind in RECOVERY_KINDS}
+            self._recovery_stats[name] = all_recovery_statistics(weight, keep)
             mask = masked_weight(module)
             if mask is None:
                 parametrize.register_parametrization(module, "weight", MaskedWeight(keep))

@@ -2,6 +2,7 @@
 
 from . import (
     autobot,  # noqa: F401  (registers "autobot")
+    magnitude,  # noqa: F401  (registers "magnitude")
     pof,  # noqa: F401  (registers "pof")
     slr,  # noqa: F401  (registers "slr")
 )

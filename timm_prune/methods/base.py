@@ -69,11 +69,12 @@ class PruneMethod(nn.Module):
         """Non-negative ranking scores, shaped like the weight; lowest are pruned first. Default: |w|."""
         return self.weight(name).detach().abs()
 
-    def keep_masks(self) -> dict[str, torch.Tensor]:
-        """Keep-masks at ``config.sparsity`` and ``config.scope`` for the current weights."""
+    def keep_masks(self, sparsity: float | None = None) -> dict[str, torch.Tensor]:
+        """Keep-masks at ``sparsity`` (default ``config.sparsity``) and ``config.scope`` for the current weights."""
+        sparsity = self.config.sparsity if sparsity is None else sparsity
         names = list(self.layers)
         if self.config.scope == "global":
-            masks = global_keep_masks([lambda n=n: self.scores(n) for n in names], self.config.sparsity)
+            masks = global_keep_masks([lambda n=n: self.scores(n) for n in names], sparsity)
             return dict(zip(names, masks, strict=True))
         return {n: layer_keep_mask(self.scores(n), self.config.sparsity) for n in names}
 

@@ -228,10 +228,11 @@ class SlrMethod(PruneMethod):
         return {n: v * layer_keep_mask(v.abs(), self.sparsities[n]) for n, v in values.items()}
 
     # ------------------------------------------------------------------ pruning
-    def keep_masks(self) -> dict[str, torch.Tensor]:
-        """Largest ``|W|`` per layer at its own sparsity (overrides included); ``scope="global"``: one threshold."""
-        if self.config.scope == "global":
-            return super().keep_masks()
+    def keep_masks(self, sparsity: float | None = None) -> dict[str, torch.Tensor]:
+        """Largest ``|W|`` per layer at its own sparsity (overrides included); ``scope="global"``: one threshold.
+        An explicit ``sparsity`` applies to every layer instead."""
+        if self.config.scope == "global" or sparsity is not None:
+            return super().keep_masks(sparsity)
         return {n: layer_keep_mask(self.scores(n), self.sparsities[n]) for n in self.layers}
 
     # ------------------------------------------------------------------ training

@@ -1,0 +1,103 @@
+"""POF's fast paths against their plain definitions: fused weight norm, the hand-written penalty gradient,
+sampled thresholds and nested candidate sets; and the magnitude baseline method."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+import timm_prune
+from timm_prune.methods.pof import _CandidateEnergy
+
+
+def _conv_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 1))
+
+
+def test_hyperspherical_weight_equals_g_times_unit_direction_and_survives_a_zero_unit():
+    model = _conv_model()
+    pm = timm_prune.convert(model, timm_prune.PruneConfig(sparsity=0.5, target_modules=["0", "2"]))
+    layer = pm.targets["2"]
+    g, v = layer.parametrizations.weight.original0, layer.parametrizations.weight.original1
+    expected = g.view(-1, 1, 1, 1) * v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(layer.weight, expected, rtol=1e-6, atol=0)
+    with torch.no_grad():
+        new = layer.weight.clone()
+        new[3] = 0  # a unit pruned whole
+        layer.weight = new
+    assert torch.isfinite(layer.weight).all() and layer.weight[3].abs().sum() == 0
+    torch.testing.assert_close(layer.weight, new)
+
+
+def test_candidate_energy_gradient_matches_autograd_of_the_definition():
+    torch.manual_seed(0)
+    v = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    counts = torch.randint(0, 3, (5, 12), dtype=torch.uint8)
+    assert torch.autograd.gradcheck(lambda x: _CandidateEnergy.apply(x, counts), (v,))
+    u2 = v.square() / v.square().sum(1, keepdim=True)
+    reference = (u2 * counts).sum(1)
+    torch.testing.assert_close(_CandidateEnergy.apply(v, counts), reference)
+
+
+def test_nested_candidate_sets_count_membership_and_average_the_energies():
+    model = _conv_model()
+    sparsities = [0.3, 0.6, 0.9]
+    config = timm_prune.PruneConfig(sparsity=0.6, penalty_sparsities=sparsities, threshold_sample=0, penalty_weight=2.0)
+    pm = timm_prune.convert(model, config)
+    value = pm.penalty()
+    energies = []
+    for index, (name, layer) in enumerate(pm.targets.items()):
+        u = layer.parametrizations.weight.original1.detach()
+        u = u / u.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        order = u.abs().flatten().argsort()
+        count = torch.zeros(u.numel())
+        per_set = []
+        for p in sparsities:
+            member = torch.zeros(u.numel(), dtype=torch.bool)
+            member[order[: round(p * u.numel())]] = True
+            count += member
+            per_set.append((u.square().flatten() * member).view(u.shape[0], -1).sum(1).mean())
+        assert torch.equal(getattr(pm.pruner, f"candidates_{index}").flatten().float(), count), name
+        energies.append(torch.stack(per_set).mean())
+    assert value.item() == pytest.approx(2.0 * torch.stack(energies).mean().item(), rel=1e-5)
+
+
+def test_sampled_thresholds_are_close_and_identical_for_the_same_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 8))
+    config = timm_prune.PruneConfig(sparsity=0.7, target_modules=["0"], threshold_sample=4096)
+    pm = timm_prune.convert(model, config)
+    pm.penalty()
+    first = pm.pruner.candidates_0.clone()
+    assert abs(first.float().mean().item() - 0.7) < 0.02  # 4,096 of 262,144 entries sampled
+    exact = ~pm.pruner.keep_masks()["0"]
+    assert (first.bool() != exact).float().mean().item() < 0.02
+    again = timm_prune.convert(nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 8)), config)
+    again.load_state_dict(pm.state_dict())
+    again.pruner.candidates_selected.fill_(False)
+    again.pruner.step.fill_(0)
+    again.penalty()
+    assert torch.equal(again.pruner.candidates_0, first)  # same step, same sample: DDP ranks agree
+
+
+def test_magnitude_method_trains_plainly_and_prunes_the_smallest_weights():
+    model = timm.create_model("test_resnet", num_classes=4)
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    pm = timm_prune.convert(model, timm_prune.PruneConfig(method="magnitude", sparsity=0.6))
+    assert not any(parametrize.is_parametrized(m) for m in pm.targets.values())
+    assert pm.config.penalty_weight == 0.0 and pm.penalty().item() == 0.0
+    torch.testing.assert_close(pm(x), expected)
+    before = {n: m.weight.detach().clone() for n, m in pm.targets.items()}
+    pm.prune()
+    for name, module in pm.targets.items():
+        w = before[name].flatten()
+        k = round(0.6 * w.numel())
+        pruned = torch.zeros_like(w, dtype=torch.bool)
+        pruned[w.abs().argsort()[:k]] = True
+        assert torch.equal(module.weight.detach().flatten() == 0, pruned), name
+        torch.testing.assert_close(module.weight.detach().flatten()[~pruned], w[~pruned])
