@@ -223,6 +223,11 @@ def main(argv: list[str] | None = None) -> None:
                 penalty = pm.penalty()
                 accelerator.backward(loss + penalty)
                 optimizer.step()
+                # The method's per-step hook (PSAP's pruning schedule), once per optimizer step on every process,
+                # before zero_grad so that a method may read the synchronised gradients.
+                step_logs = {}
+                if accelerator.sync_gradients:
+                    step_logs = pm.on_step_end(step=state.completed_steps + 1, total_steps=total_steps)
                 optimizer.zero_grad()
             state.loss_sum += loss.item()
             state.penalty_sum += penalty.item()
@@ -234,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
             scheduler.step_update(num_updates=state.completed_steps)
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}", penalty=f"{penalty.item():.4f}")
+            if step_logs:
+                accelerator.log(scalar_logs(step_logs), step=state.completed_steps)
             step_checkpoint = args.checkpointing_steps not in (None, "epoch")
             if step_checkpoint and state.completed_steps % int(args.checkpointing_steps) == 0:
                 accelerator.save_state(os.path.join(args.output_dir, "checkpoints", f"step_{state.completed_steps}"))
@@ -300,9 +307,9 @@ def finish(
     """Prune, evaluate every variant, check ranks agree, save (and push) from the main process."""
     accuracy = {"dense": evaluate(pm, eval_loader, accelerator)}
     structured = pm.pruner.structured
-    if structured:
-        # Structured methods choose channels on the trained model: gates train with the weights frozen, on the
-        # same un-sharded batches on every process, so every rank removes the same channels.
+    if structured and hasattr(pm.pruner, "train_gates"):
+        # Gate-based structured methods (AutoBot) choose channels on the trained model: gates train with the weights
+        # frozen, on the same un-sharded batches on every process, so every rank removes the same channels.
         gate_batches = torch.utils.data.DataLoader(
             bn_loader.dataset,
             batch_size=pm.config.gate_batch_size,
@@ -348,7 +355,9 @@ def finish(
     rows.append((bn_row, accuracy["bn_recalibrated"]))
     if structured:
         metrics.update(flops_ratio=report.flops_ratio, params_after=report.params_after, speedup=report.speedup)
-        title = f"{args.model} / {args.dataset} / {pm.config.method} to {pm.config.flops_target:g} of the FLOPs"
+        flops_target = getattr(pm.config, "flops_target", None)  # PSAP may target a share of filters instead
+        goal = f"to {flops_target:g} of the FLOPs" if flops_target else f"at {pm.config.sparsity:g} of the filters"
+        title = f"{args.model} / {args.dataset} / {pm.config.method} {goal}"
         speedup = f", CPU latency x{report.speedup:.2f}" if report.speedup else ""
         footer = (
             f"FLOPs {100 * report.flops_ratio:.2f}% of dense, params {report.params_before:,} -> "

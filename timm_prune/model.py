@@ -92,6 +92,12 @@ class PrunableModel(nn.Module):
         state once an epoch (SLR's multipliers) do it here. Returns what the method wants logged."""
         return self.pruner.on_epoch_end(**logs)
 
+    def on_step_end(self, **logs: Any) -> dict[str, Any]:
+        """Called by training loops after each optimizer step (gradients still in ``.grad``, i.e. before
+        ``zero_grad``), on every process; e.g. ``step=..., total_steps=...``. Methods with a per-step schedule
+        (PSAP's pruning steps) act here. Returns what the method wants logged (usually nothing)."""
+        return self.pruner.on_step_end(**logs)
+
     # ------------------------------------------------------------------ prune / recover
     @torch.no_grad()
     def prune(self) -> PruneReport:

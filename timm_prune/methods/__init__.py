@@ -4,6 +4,7 @@ from . import (
     autobot,  # noqa: F401  (registers "autobot")
     magnitude,  # noqa: F401  (registers "magnitude")
     pof,  # noqa: F401  (registers "pof")
+    psap,  # noqa: F401  (registers "psap")
     slr,  # noqa: F401  (registers "slr")
 )
 from .base import PruneMethod

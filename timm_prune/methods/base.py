@@ -76,7 +76,7 @@ class PruneMethod(nn.Module):
         if self.config.scope == "global":
             masks = global_keep_masks([lambda n=n: self.scores(n) for n in names], sparsity)
             return dict(zip(names, masks, strict=True))
-        return {n: layer_keep_mask(self.scores(n), self.config.sparsity) for n in names}
+        return {n: layer_keep_mask(self.scores(n), sparsity) for n in names}
 
     def penalty(self) -> torch.Tensor:
         device = next(iter(self.layers.values())).weight.device
@@ -88,6 +88,10 @@ class PruneMethod(nn.Module):
 
     def on_epoch_end(self, **logs) -> dict:
         """Epoch-boundary update (no-op by default); returns values worth logging."""
+        return {}
+
+    def on_step_end(self, **logs) -> dict:
+        """After each optimizer step, before ``zero_grad`` (no-op by default); returns values worth logging."""
         return {}
 
     def candidate_energy(self) -> dict[str, float]:
