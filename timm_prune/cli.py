@@ -90,7 +90,14 @@ def _info(args: argparse.Namespace) -> int:
     print(f"architecture:  {timm_config['architecture']} ({timm_config['num_classes']} classes)")
     print(f"base model:    {pruning.get('base_model') or '-'}")
     print(f"method:        {config['method']} ({', '.join(f'{k}={v}' for k, v in method_fields.items())})")
-    if report:
+    structured = bool(report) and report.get("kind") == "structured"
+    if structured:
+        print(
+            f"structured:    FLOPs {report['flops_after'] / 1e6:.2f}M of {report['flops_before'] / 1e6:.2f}M "
+            f"({report['flops_after'] / max(report['flops_before'], 1):.2%}) at input {report['input_size']}, "
+            f"params {report['params_before']:,} -> {report['params_after']:,}"
+        )
+    elif report:
         print(
             f"sparsity:      {report['sparsity']:.2%} of {report['numel']:,} targeted weights "
             f"(target {report['target_sparsity']:.2%}, scope {report['scope']})"
@@ -105,13 +112,30 @@ def _info(args: argparse.Namespace) -> int:
     for key, value in sorted((pruning.get("metrics") or {}).items()):
         if isinstance(value, (int, float, str)):
             print(f"metric:        {key} = {value}")
-    if report:
+    if structured:
+        groups = report.get("groups") or []
+        if groups:
+            print()
+            width = max(len(str(group["root"])) for group in groups)
+            print(f"{'channel group (root layer)':<{width}}  {'kept':>6} / channels")
+            for group in groups:
+                print(f"{group['root']:<{width}}  {group['kept']:>6} / {group['channels']}")
+    elif report:
         print()
         width = max(len(row["name"]) for row in report["layers"])
         print(f"{'layer':<{width}}  {'type':<8} {'shape':<20} {'sparsity':>8}")
         for row in report["layers"]:
             print(f"{row['name']:<{width}}  {row['type']:<8} {str(row['shape']):<20} {row['sparsity']:>8.2%}")
     return 0
+
+
+def _pruned_summary(pm: Any) -> str:
+    report = pm.last_report
+    if report is None:
+        return "not pruned"
+    if getattr(report, "kind", None) == "structured":
+        return f"structured, {report.flops_ratio:.2%} of the FLOPs"
+    return f"{report.sparsity:.2%} sparse"
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -135,7 +159,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": args.model, "dataset": name, "split": args.split, "results": results}, indent=2))
         return 0
-    sparsity = f"{pm.last_report.sparsity:.2%} sparse" if pm.is_pruned else "not pruned"
+    sparsity = _pruned_summary(pm)
     print(f"model:    {args.model} ({pm.model.pretrained_cfg.get('architecture')}, {pm.config.method}, {sparsity})")
     print(f"dataset:  {name} [{args.split}]: {len(labels)} images at {size}x{size}")
     print(f"{'recovery':<12} {'accuracy':>9} {'correct':>12}")
