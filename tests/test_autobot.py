@@ -41,6 +41,27 @@ ARCHS = {
     "mobilevit_xxs": ({}, 64),
     "efficientvit_b0": ({"depths": (1, 1, 1, 1, 1)}, 64),
     "edgenext_xx_small": ({}, 64),
+    # Swin: PatchMerging folds 2x2 positions into 4C channels (a module rule narrows it); V2 blocks also record
+    # num_heads; V2-CR's window attention does not narrow its stream consistently (those groups stay whole).
+    "swin_tiny_patch4_window7_224": (
+        {"img_size": 64, "embed_dim": 24, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 4, 8), "window_size": 2},
+        64,
+    ),
+    "swinv2_tiny_window8_256": (
+        {"img_size": 64, "embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8), "window_size": 2},
+        64,
+    ),
+    "swinv2_cr_tiny_ns_224": (
+        {"img_size": 64, "embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8), "window_size": 2},
+        64,
+    ),
+    "poolformer_s12": ({}, 32),  # MetaFormer Scale keeps a view shape of its parameter
+    "levit_128s": ({"img_size": 64}, 64),  # uneven q/k/v splits, cached attention biases
+    "rexnet_100": ({}, 32),  # partial-channel residual adds: torch-pruning's group search is bounded
+    "ghostnet_050": ({}, 32),  # groups torch-pruning narrows other than planned stay whole
+    "test_mambaout": ({}, 32),  # gated conv MLPs (formerly caught by the plan check)
+    "fastvit_t8": ({}, 64),  # grouped convs with a channel multiplier, re-param branches
+    "pit_ti_224": ({"img_size": 64}, 64),  # pooling-based ViT: an expanded cls token under FlopCounterMode
 }
 
 
@@ -103,6 +124,11 @@ def test_train_prune_save_load(name: str, tmp_path) -> None:
     card = (tmp_path / "README.md").read_text()
     assert "whole channels removed" in card and "MFLOPs" in card
     assert 'timm.create_model("hf-hub:' not in card  # stock timm cannot rebuild the narrowed model
+    # Structured cards show channels kept per group (not an empty sparsity table) and the speed-up.
+    first = report.groups[0]
+    assert f"| `{first['root']}` | {first['channels']} | {first['kept']} |" in card
+    assert "Channels kept per group" in card and "Per-layer sparsity" not in card and "speed-up x" in card
+    assert (tmp_path / "pruning_plot.png").stat().st_size > 10_000
     loaded = timm_prune.from_pretrained(tmp_path)
     assert isinstance(loaded.last_report, StructuredReport)
     assert loaded.last_report.flops_after == report.flops_after
@@ -191,12 +217,76 @@ def test_prune_needs_trained_gates() -> None:
         pm.prune()
 
 
-def test_plan_is_checked_against_the_pruned_layers() -> None:
-    # GhostNet: torch-pruning leaves layers untouched that the plan narrows; this must not pass silently.
-    pm = make("ghostnet_050", flops_target=0.5, latency_runs=0)
-    pm.pruner.train_gates(batches(2), num_batches=2)
-    with pytest.raises(RuntimeError, match="output channels after pruning"):
+def _model_state(model: nn.Module) -> tuple:
+    """Everything a failed prune() must leave as it was: tensors, parameter objects, module attributes."""
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    attrs = {name: {k: v for k, v in vars(m).items() if not k.startswith("_")} for name, m in model.named_modules()}
+    return tensors, params, attrs
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("ghostnet_050", "output channels after pruning"),  # torch-pruning narrows layers other than planned
+        ("swinv2_cr_tiny_ns_224", r"no longer runs: stages\.\d\.blocks\.0\.attn \(WindowMultiHeadAttention\)"),
+    ],
+)
+def test_failed_removal_leaves_the_model_unchanged(name: str, match: str, monkeypatch) -> None:
+    from timm_prune.methods import autobot
+    from timm_prune.structured_guard import StructuredPruneError
+
+    # Without the trial removal, these models keep groups torch-pruning cannot remove: prune() must fail cleanly.
+    monkeypatch.setattr(
+        autobot, "drop_unremovable_groups", lambda model, graph, groups, handlers, x: (groups, handlers, [])
+    )
+    kwargs, size = ARCHS[name]
+    pm = make(name, flops_target=0.5, latency_runs=0)
+    x = batches(1, size=size)[0][0]
+    pm.pruner.train_gates(batches(2, size=size), num_batches=2)
+    pm.model.train()
+    before = _model_state(pm.model)
+    dense = pm.model.eval()(x)
+    pm.model.train()
+    with pytest.raises(StructuredPruneError, match=match) as info:
         pm.prune()
+    assert "left unchanged" in str(info.value)
+    tensors, params, attrs = _model_state(pm.model)
+    assert params == before[1] and attrs == before[2] and pm.model.training
+    assert tensors.keys() == before[0].keys()
+    for key, value in tensors.items():
+        torch.testing.assert_close(value, before[0][key], rtol=0, atol=0)
+    torch.testing.assert_close(pm.model.eval()(x), dense, rtol=0, atol=0)
+    # The restored model is prunable again with the same graph once the bad groups are left out.
+    monkeypatch.undo()
+    pm = make(name, flops_target=0.5, latency_runs=0)
+    with pytest.warns(UserWarning, match="stay whole"):
+        pm.pruner.train_gates(batches(2, size=size), num_batches=2)
+    assert pm.prune().flops_after <= pm.last_report.target_flops
+
+
+def test_group_search_is_bounded() -> None:
+    import time
+
+    import torch_pruning as tp
+
+    from timm_prune.structured_guard import GroupSearchOverflow, all_groups, bounded_group_search
+
+    model = timm.create_model("rexnet_100", num_classes=10).eval()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 32, 32))
+    start = time.perf_counter()
+    # ReXNet's stage streams (x[:, :c] += shortcut) never settle in torch-pruning: the search stops quickly ...
+    root = model.features[15].conv_pwl.conv  # the stream of the last stage
+    with pytest.raises(GroupSearchOverflow, match="did not settle"), bounded_group_search(len(graph.module2node)):
+        graph.get_pruning_group(root, tp.prune_conv_out_channels, list(range(root.out_channels)))
+    # ... and the other groups are still found, the unsettled ones left whole.
+    groups, unsettled = all_groups(graph, [], (nn.Conv2d, nn.Linear))
+    assert unsettled >= 1 and len(groups) >= 10
+    assert time.perf_counter() - start < 30
+    # Everything is restored: torch-pruning's own Group works unbounded again.
+    from torch_pruning.dependency.group import Group
+
+    assert Group.add_dep.__qualname__ == "Group.add_dep"
 
 
 @pytest.mark.parametrize(
@@ -258,3 +348,67 @@ def test_no_penalty_and_no_candidate_energy_while_weights_train() -> None:
     pm = make("test_resnet")
     assert pm.penalty().item() == 0.0
     assert pm.candidate_energy() == {}  # channels are chosen by gates later, not by a candidate set
+
+
+def test_flops_loss_is_normalised_on_both_sides_of_the_target() -> None:
+    from timm_prune.methods.autobot import flops_loss
+
+    ratios = torch.tensor([0.0, 0.15, 0.3, 0.65, 1.0], dtype=torch.float64, requires_grad=True)
+    loss = flops_loss(ratios, 0.3)
+    # 1 at 0 FLOPs and at the dense model, 0 at the target, linear on each side (the authors' normalisation).
+    torch.testing.assert_close(loss, torch.tensor([1.0, 0.5, 0.0, 0.5, 1.0], dtype=torch.float64))
+    loss.sum().backward()
+    torch.testing.assert_close(ratios.grad[[1, 3]], torch.tensor([-1 / 0.3, 1 / 0.7], dtype=torch.float64))
+
+
+def test_swin_patch_merging_narrows_with_its_stage() -> None:
+    name = "swin_tiny_patch4_window7_224"
+    kwargs, size = ARCHS[name]
+    pm = make(name, flops_target=0.4, latency_runs=0)
+    pm.pruner.train_gates(batches(4, size=size), num_batches=4)
+    # The stage streams that enter PatchMerging are groups (their 4C fold maps channel c to k * C + c) ...
+    folded = [g for g in pm.pruner.groups if any(n.endswith("downsample.reduction") for n, _, _ in g.inputs)]
+    assert len(folded) >= 2
+    entry = next(e for e in folded[0].inputs if e[0].endswith("downsample.reduction"))
+    channels = len(entry[1]) // 4
+    assert entry[1][channels:] == [c + channels for c in entry[1][: len(entry[1]) - channels]]
+    dense = [pm.model.layers[i].downsample.dim for i in (1, 2, 3)]
+    pm.prune()
+    # ... and narrow with it: the merge's norm and reduction follow the stream of the stage before.
+    for i in (1, 2, 3):
+        merge, stream = pm.model.layers[i].downsample, pm.model.layers[i - 1].blocks[-1].mlp.fc2.out_features
+        assert merge.reduction.in_features == 4 * stream == merge.norm.normalized_shape[0] and merge.dim == stream
+    assert any(pm.model.layers[i].downsample.dim < d for i, d in zip((1, 2, 3), dense, strict=True))
+
+
+def test_torch_pruning_failing_midway_leaves_the_model_unchanged() -> None:
+    from timm_prune.structured_guard import StructuredPruneError
+
+    pm = make("test_convnext", flops_target=0.5, latency_runs=0)
+    x = batches(1)[0][0]
+    pm.pruner.train_gates(batches(3), num_batches=3)
+    before = _model_state(pm.model)
+    dense = pm(x)
+    graph = pm.pruner.__dict__["_graph"][0]
+    calls = {"n": 0}
+    original = graph.get_pruning_group
+
+    def flaky(*args, **kwargs):  # the third group fails after two were removed: a half-pruned model
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise AssertionError("simulated torch-pruning failure")
+        return original(*args, **kwargs)
+
+    graph.get_pruning_group = flaky
+    with pytest.raises(StructuredPruneError, match="simulated torch-pruning failure.*left unchanged"):
+        pm.prune()
+    assert calls["n"] == 3
+    tensors, params, attrs = _model_state(pm.model)
+    assert params == before[1] and attrs == before[2]
+    for key, value in tensors.items():
+        torch.testing.assert_close(value, before[0][key], rtol=0, atol=0)
+    torch.testing.assert_close(pm(x), dense, rtol=0, atol=0)
+    # The same graph and gates prune the restored model once torch-pruning behaves.
+    graph.get_pruning_group = original
+    report = pm.prune()
+    assert 0.98 * report.target_flops <= report.flops_after <= report.target_flops

@@ -5,6 +5,8 @@ from .hub import FileFormatError, HubUnreachableError, from_pretrained, push_fol
 from .masking import LayerReport, PruneReport
 from .methods import PruneMethod, list_methods, register_method
 from .model import PrunableModel, convert
+from .structured import StructuredReport
+from .structured_guard import StructuredPruneError
 
 __version__ = "0.1.0"
 
@@ -16,6 +18,8 @@ __all__ = [
     "PruneConfig",
     "PruneMethod",
     "PruneReport",
+    "StructuredPruneError",
+    "StructuredReport",
     "__version__",
     "convert",
     "from_pretrained",

@@ -41,7 +41,8 @@ def is_repo_id(value: Any) -> bool:
 
 
 def render_plot(report: dict[str, Any] | None, metrics: dict[str, Any]) -> bytes:
-    """PNG: per-layer sparsity, plus accuracy against sparsity when ``metrics["sparsity_sweep"]`` has points."""
+    """PNG: per-layer sparsity (structured methods: channels kept per group), plus accuracy against sparsity when
+    ``metrics["sparsity_sweep"]`` has points."""
     # The Agg canvas directly: no pyplot, so the user's global backend and figure list are left alone.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -52,7 +53,9 @@ def render_plot(report: dict[str, Any] | None, metrics: dict[str, Any]) -> bytes
     FigureCanvasAgg(fig)
     axes = fig.subplots(2 if sweep else 1, 1, squeeze=False)[:, 0]
     ax = axes[0]
-    if layers:
+    if (report or {}).get("kind") == "structured":
+        _plot_channels(ax, report)
+    elif layers:
         ax.bar(range(len(layers)), [100 * layer["sparsity"] for layer in layers], color="#4c72b0")
         ax.axhline(100 * report["target_sparsity"], color="#c44e52", linestyle="--", label="target")
         step = max(1, len(layers) // 40)  # keep the tick labels readable on deep models
@@ -61,9 +64,10 @@ def render_plot(report: dict[str, Any] | None, metrics: dict[str, Any]) -> bytes
         ax.legend(loc="lower right")
     else:
         ax.text(0.5, 0.5, "not pruned", ha="center", va="center", transform=ax.transAxes)
-    ax.set_ylabel("sparsity (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("Per-layer sparsity")
+    if (report or {}).get("kind") != "structured":
+        ax.set_ylabel("sparsity (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title("Per-layer sparsity")
     if sweep:
         ax = axes[1]
         xs = [100 * float(p["sparsity"]) for p in sweep]
@@ -80,6 +84,22 @@ def render_plot(report: dict[str, Any] | None, metrics: dict[str, Any]) -> bytes
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def _plot_channels(ax: Any, report: dict[str, Any]) -> None:
+    """Structured report: channels of each coupled group before (outline) and after (filled) removal."""
+    groups = report.get("groups") or []
+    xs = range(len(groups))
+    ax.bar(xs, [g["channels"] for g in groups], color="none", edgecolor="#8c8c8c", label="before")
+    ax.bar(xs, [g["kept"] for g in groups], color="#4c72b0", label="kept")
+    step = max(1, len(groups) // 40)
+    ax.set_xticks(range(0, len(groups), step))
+    ax.set_xticklabels([groups[i]["root"] for i in range(0, len(groups), step)], rotation=90, fontsize=6)
+    ax.set_ylabel("channels")
+    ratio = report["flops_after"] / report["flops_before"] if report.get("flops_before") else float("nan")
+    params = report["params_after"] / report["params_before"] if report.get("params_before") else float("nan")
+    ax.set_title(f"Channels kept per group (FLOPs {ratio:.1%}, parameters {params:.1%} of the dense model)")
+    ax.legend(loc="upper left")
 
 
 def render_card(

@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .structured_guard import ModelBackup, all_groups, failing_module
+from .structured_rules import FOLD, folded, folding_pruners, is_folding
+
 # Module attributes whose values may change when channels are removed (and so must be recorded for rebuild).
 _SIMPLE = (bool, int, float, str)
 
@@ -113,7 +116,8 @@ def _attention_inner(model: nn.Module) -> set[nn.Module]:
     """
     inner: set[nn.Module] = set()
     for module in model.modules():
-        if hasattr(module, "num_heads"):
+        # Innermost holders of num_heads only: blocks and stages that also record it (Swin-V2) keep their MLPs.
+        if hasattr(module, "num_heads") and not any(hasattr(m, "num_heads") for m in list(module.modules())[1:]):
             for child_name, child in module.named_children():
                 if child_name != "proj":  # q/k/v may sit in wrappers (LeViT's LinearNorm, Sequentials)
                     inner.update(m for m in child.modules() if _is_counted(m))
@@ -135,15 +139,27 @@ def build_groups(
     names = {module: name for name, module in model.named_modules()}
     keep_fixed = [m for m in model.modules() if _is_counted(m) and m not in set(prunable.values())]
     keep_fixed += list(_attention_inner(model))
+    # Patch merging (4C folds) is one node with its own pruner; its output side is its reduction Linear.
+    customized = folding_pruners(model)
+    keep_fixed += [m for m in model.modules() if is_folding(m) and m.reduction in keep_fixed]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "unwrapped parameters" (pos_embed, cls_token): handled on the last dim
         try:
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example, customized_pruners=customized or None
+            )
         except Exception as e:
             raise ValueError(
                 f"structured pruning: torch-pruning could not trace {type(model).__name__} ({type(e).__name__}: {e})"
             ) from e
-        raw = list(graph.get_all_groups(ignored_layers=keep_fixed, root_module_types=[nn.Conv2d, nn.Linear]))
+        # torch-pruning's get_all_groups, with a bound on each group's search (ReXNet's never ends otherwise).
+        raw, unsettled = all_groups(graph, keep_fixed, (nn.Conv2d, nn.Linear))
+    if unsettled:
+        warnings.warn(
+            f"structured pruning: {unsettled} channel group(s) of {type(model).__name__} are left whole: their "
+            "search in torch-pruning did not settle (residual adds over part of the channels)",
+            stacklevel=3,
+        )
     groups, handlers = [], []
     for group in raw:
         root_module, handler = group[0].dep.target.module, group[0].dep.handler
@@ -153,10 +169,16 @@ def build_groups(
             continue  # torch-pruning could not map some channels back to the root: leave the group whole
         for item in group:
             module = item.dep.target.module
+            side = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            local, root = list(map(int, item.idxs)), list(map(int, item.root_idxs))
+            if is_folding(module) and module in names:
+                # The folded 4C axis of its reduction carries channel c at k * C + c.
+                if side == "in":
+                    local, root = folded(local, module.reduction.in_features // FOLD), root * FOLD
+                module = module.reduction
             if not isinstance(module, nn.Module) or not _is_counted(module) or module not in names:
                 continue
-            entry = (names[module], list(map(int, item.idxs)), list(map(int, item.root_idxs)))
-            side = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            entry = (names[module], local, root)
             if max(entry[1]) >= _channels(module, side) or max(entry[2]) >= size:
                 # Index spaces that do not line up with the layer (uneven q/k/v splits, LeViT / EfficientViT
                 # attention): counting or gating them would be wrong, so the group stays whole.
@@ -175,6 +197,49 @@ def build_groups(
             groups.append(cg)
             handlers.append((root_module, handler))
     return graph, groups, handlers
+
+
+def drop_unremovable_groups(
+    model: nn.Module, graph: Any, groups: list[ChannelGroup], handlers: list[Any], example: torch.Tensor
+) -> tuple[list[ChannelGroup], list[Any], list[str]]:
+    """Keep only the groups whose removal torch-pruning carries out as the group says (a trial on the model).
+
+    Each group loses one gate's channels; the model must still run, and every Conv2d/Linear of the group must
+    lose exactly the channels its entries name. Where it fails (Swin-V2-CR's window attention, GhostNet's cheap
+    operations, layers narrowed partly), the group stays whole, found by one
+    trial of all groups and, only if that fails, one trial per group. The model is restored after each trial
+    (``ModelBackup``). Returns ``(groups, handlers, roots of the dropped groups)``.
+    """
+    modules = dict(model.named_modules())
+
+    def trial(indices: list[int]) -> bool:
+        backup = ModelBackup(model, graph)
+        try:
+            expected: dict[tuple[str, str], int] = {}
+            for i in indices:
+                g = groups[i]
+                dropped = set(range(g.num_gates - 1, g.size, g.num_gates))  # the last gate's channels
+                for side, entries in (("in", g.inputs), ("out", g.outputs)):
+                    for name, _, root in entries:
+                        key = (name, side)
+                        start = expected.get(key, _channels(modules[name], side))
+                        expected[key] = start - sum(r in dropped for r in root)
+                root_module, handler = handlers[i]
+                graph.get_pruning_group(root_module, handler, sorted(dropped)).prune(record_history=False)
+            if any(_channels(modules[name], side) != n for (name, side), n in expected.items()):
+                return False
+            return failing_module(model, example) is None
+        except Exception:  # noqa: BLE001 - torch-pruning raising is one more way a group is not removable
+            return False
+        finally:
+            backup.restore()
+
+    with torch.no_grad():
+        if not groups or trial(list(range(len(groups)))):
+            return groups, handlers, []
+        good = [i for i in range(len(groups)) if trial([i])]
+    dropped_roots = [g.root for i, g in enumerate(groups) if i not in set(good)]
+    return [groups[i] for i in good], [handlers[i] for i in good], dropped_roots
 
 
 class GatedCounter:
@@ -298,15 +363,22 @@ def measure_flops(model: nn.Module, example: torch.Tensor) -> float:
     does not count torch's fused CPU attention kernel, which would drop the attention matmuls from the figure.
     """
     fused = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    # FlopCounterMode's module tracker hooks every tensor that requires grad; a view of a parameter made under
+    # no_grad (PiT's expanded cls_token) requires grad without a grad_fn and breaks it: count with frozen params.
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
     counter = FlopCounterMode(display=False)
     try:
         for m, _ in fused:
             m.fused_attn = False
+        for p, _ in frozen:
+            p.requires_grad_(False)
         with torch.no_grad(), counter:
             model(example[:1])
     finally:
         for m, flag in fused:
             m.fused_attn = flag
+        for p, flag in frozen:
+            p.requires_grad_(flag)
     return float(counter.get_total_flops())
 
 

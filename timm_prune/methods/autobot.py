@@ -6,20 +6,27 @@ Our formulation (after the authors' public code, written anew):
   depthwise / grouped convs and the residual stream of ViTs share one gate. Groups are rooted at the targeted
   Conv2d/Linear layers (``target_modules``); a group any of whose output-side layers is not targeted (the stem,
   the classifier) stays whole, and so do the q/k/v outputs of attention modules (head counts never change).
+  Each group is tried once on the model (one gate's channels removed, then restored): a group that torch-pruning
+  does not remove consistently (Swin-V2-CR's window attention, GhostNet's cheap operations) stays whole, with a
+  warning. Patch merging (Swin) has its own rule (``timm_prune.structured_rules``).
 - Each group channel ``c`` has a gate ``g_c = sigmoid(alpha_c)``, ``alpha`` initialised so that ``g = gate_init``.
   The gate multiplies channel ``c`` at the input of every conv / linear that consumes it (which is exactly what
   removing it does to those layers).
 - ``train_gates(batches)``: weights frozen, model in eval mode, only ``alpha`` trains with Adam (``gate_lr``) on
-  ``loss = CE + beta * |F(g) / F_dense - target| + gamma * mean|g - round(g)|`` where ``F(g)`` is the FLOPs count
-  with every channel weighted by its gate (differentiable; exact for 0/1 gates). Labels come from the batches,
+  ``loss = CE + beta * L_flops + gamma * L_bool`` where ``L_flops`` is ``(r - t) / (1 - t)`` above the target
+  ratio ``t`` and ``1 - r / t`` below it, ``r = F(g) / F_dense``, ``F(g)`` the FLOPs count
+  with every channel weighted by its gate (differentiable; exact for 0/1 gates), and ``L_bool`` the mean over
+  groups of each group's mean ``|g - round(g)|``. Labels come from the batches,
   or, for unlabeled batches, from the dense model's own predictions. The gates with the lowest loss over the
   last 40% of steps are kept.
 - ``prune()``: channels are ranked by gate (ties by position) and one global threshold is bisected so that the
   FLOPs of the pruned model are the largest not above the target; each group keeps at least its highest-gated
   channel; removed channels are then given back, highest gate first, while they fit, to land within 0.5% of the
   target (a single threshold moves in whole channels, which can be a few percent of the FLOPs of a small
-  model). Channels are then physically removed (torch-pruning), the kept counts are checked against the plan,
-  and the report gives params, FLOPs (FlopCounterMode, i.e. 2 x MACs) and measured CPU latency before and after.
+  model). Channels are then physically removed (torch-pruning), the kept counts are checked against the plan
+  and the pruned model must run; any failure restores the model exactly (same module and parameter objects)
+  and raises ``StructuredPruneError``. The report gives params, FLOPs (FlopCounterMode, i.e. 2 x MACs) and
+  measured CPU latency before and after.
 
 ``flops_target`` is a fraction of the dense FLOPs when in (0, 1), else absolute MFLOPs (2 x MACs, per image at
 the input size used).
@@ -42,10 +49,19 @@ from ..structured import (
     StructuredReport,
     build_groups,
     count_params,
+    drop_unremovable_groups,
     measure_flops,
     measure_latency,
     snapshot,
     structure_diff,
+)
+from ..structured_guard import (
+    ModelBackup,
+    StructuredPruneError,
+    clear_attention_caches,
+    failing_module,
+    follow_parameter_shapes,
+    parameter_shapes,
 )
 from .base import PruneMethod, is_int, is_number
 from .registry import register_method
@@ -64,10 +80,10 @@ class AutobotOptions:
     flops_target: float = 0.5
     # Weight of the FLOPs-target term and of the gate polarisation term.
     beta: float = 6.0
-    gamma: float = 0.3
+    gamma: float = 0.4
     # Adam learning rate of the gate logits, number of gate-training batches, and their batch size (for recipes;
     # not ``batch_size``, which recipes use for weight training).
-    gate_lr: float = 0.5
+    gate_lr: float = 0.6
     num_batches: int = 200
     gate_batch_size: int = 64
     # Initial gate value sigmoid(alpha), in (0, 1).
@@ -101,6 +117,15 @@ class AutobotOptions:
             self.input_size = size
         if not is_int(self.latency_runs) or self.latency_runs < 0:
             raise ValueError(f"PruneConfig.latency_runs must be an integer >= 0; got {self.latency_runs!r}")
+
+
+def flops_loss(ratio: torch.Tensor, target: float) -> torch.Tensor:
+    """FLOPs-target term: 0 at the target, 1 at the dense model and at 0 FLOPs, linear in between.
+
+    Normalised on each side as the authors' code does: ``(r - t) / (1 - t)`` above the target, ``1 - r / t``
+    below (``r``, ``t``: FLOPs as fractions of the dense model's).
+    """
+    return torch.where(ratio > target, (ratio - target) / (1 - target), 1 - ratio / target)
 
 
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -157,10 +182,19 @@ class AutobotMethod(PruneMethod):
         try:
             with torch.enable_grad():  # torch-pruning traces through autograd (prune() runs under no_grad)
                 graph, groups, handlers = build_groups(self.root, example, self.layers)
+                groups, handlers, dropped = drop_unremovable_groups(self.root, graph, groups, handlers, example)
+            if dropped:
+                warnings.warn(
+                    f"autobot: {len(dropped)} channel group(s) of {type(self.root).__name__} stay whole: torch-pruning "
+                    f"does not remove them consistently (rooted at {', '.join(dropped[:4])}"
+                    f"{', ...' if len(dropped) > 4 else ''})",
+                    stacklevel=3,
+                )
             if not groups:
                 raise ValueError(
                     f"autobot: no prunable channel group in {type(self.root).__name__} with these target_modules "
-                    "(every group touches a non-targeted layer such as the stem or the classifier)"
+                    "(every group touches a non-targeted layer such as the stem or the classifier, or has channel "
+                    "indices torch-pruning cannot map, such as GLU halves)"
                 )
             counter = GatedCounter(self.root, groups, example)
         finally:
@@ -223,6 +257,20 @@ class AutobotMethod(PruneMethod):
             raise ValueError("train_gates: `batches` yielded nothing") from None
         counter = self._ensure_graph(_split_batch(first)[0])
         target = self.target_flops(counter) / counter.dense
+        if not 0 < target < 1:
+            raise ValueError(
+                f"autobot: flops_target {self.config.flops_target} is {target:.3f} x the dense FLOPs "
+                f"({counter.dense / 1e6:.3f} MFLOPs); it must be below them"
+            )
+        # Per gate, 1 / (its group's size x number of groups): the polarisation term is a mean over groups of
+        # each group's mean |g - round(g)|, so that wide layers do not outweigh narrow ones.
+        weights = torch.cat(
+            [torch.full((g.num_gates,), 1.0 / (g.num_gates * len(counter.groups))) for g in counter.groups]
+        ).to(device)
+
+        def polarisation(gates: torch.Tensor) -> torch.Tensor:
+            return ((gates - gates.round()).abs() * weights).sum()
+
         frozen = [(p, p.requires_grad) for p in model.parameters()]
         was_training = model.training
         for p, _ in frozen:
@@ -249,11 +297,7 @@ class AutobotMethod(PruneMethod):
                 counter.gates = gates
                 ce = F.cross_entropy(model(x), y)
                 ratio = (counter.count(gates) + counter.rest) / counter.dense
-                loss = (
-                    ce
-                    + self.config.beta * (ratio - target).abs()
-                    + self.config.gamma * (gates - gates.round()).abs().mean()
-                )
+                loss = ce + self.config.beta * flops_loss(ratio, target) + self.config.gamma * polarisation(gates)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -348,22 +392,20 @@ class AutobotMethod(PruneMethod):
         params_before, flops_before = count_params(model), counter.dense
         latency_before = measure_latency(model, example, runs) if runs else None
         before = snapshot(model)
-        graph, handlers = self.__dict__["_graph"]
-        rows = []
-        for g, off, (root_module, handler) in zip(counter.groups, counter.offsets, handlers, strict=True):
-            group_keep = keep[off : off + g.num_gates].repeat(g.tied)  # root channel r has gate r % num_gates
-            drop = [int(i) for i in torch.nonzero(~group_keep).flatten()]
-            if drop:
-                graph.get_pruning_group(root_module, handler, drop).prune()
-            rows.append({"root": g.root, "channels": g.size, "kept": int(group_keep.sum())})
-        self._check_plan(counter, keep)
+        # Removal is transactional: any failure (torch-pruning raising, a layer narrowed other than planned,
+        # a pruned model that no longer runs) rolls the model back to exactly what it was, then raises.
+        backup = ModelBackup(model, self.__dict__["_graph"][0])  # the graph too: a retry uses it again
         try:
-            flops_after = measure_flops(model, example)
-        except RuntimeError as e:
-            raise RuntimeError(
-                f"autobot: the pruned {type(model).__name__} no longer runs ({e}); torch-pruning does not handle "
-                "one of its modules: leave it out with exclude_modules=[...] (this model is now unusable)"
-            ) from e
+            rows, flops_after = self._remove(counter, keep, example)
+        except BaseException as e:
+            backup.restore()
+            model.train(was_training)
+            if isinstance(e, Exception) and not isinstance(e, StructuredPruneError):
+                raise StructuredPruneError(
+                    f"autobot: torch-pruning failed while removing channels of {type(model).__name__} "
+                    f"({type(e).__name__}: {e}). The model was left unchanged."
+                ) from e
+            raise
         planned = counter.keep_flops(keep)
         if abs(flops_after - planned) > 0.01 * planned:
             # The count missed something this architecture computes (an op outside convs / linears that
@@ -396,6 +438,33 @@ class AutobotMethod(PruneMethod):
             planned_flops=planned,
         )
 
+    def _remove(
+        self, counter: GatedCounter, keep: torch.Tensor, example: torch.Tensor
+    ) -> tuple[list[dict[str, Any]], float]:
+        """Physically remove the channels ``keep`` drops; returns per-group rows and the measured FLOPs."""
+        model = self.root
+        graph, handlers = self.__dict__["_graph"]
+        shapes = parameter_shapes(model)
+        rows = []
+        for g, off, (root_module, handler) in zip(counter.groups, counter.offsets, handlers, strict=True):
+            group_keep = keep[off : off + g.num_gates].repeat(g.tied)  # root channel r has gate r % num_gates
+            drop = [int(i) for i in torch.nonzero(~group_keep).flatten()]
+            if drop:
+                graph.get_pruning_group(root_module, handler, drop).prune()
+            rows.append({"root": g.root, "channels": g.size, "kept": int(group_keep.sum())})
+        follow_parameter_shapes(model, shapes)
+        clear_attention_caches(model)
+        self._check_plan(counter, keep)
+        failure = failing_module(model, example)
+        if failure is not None:
+            where, kind, error = failure
+            raise StructuredPruneError(
+                f"autobot: the pruned {type(model).__name__} no longer runs: {where} fails with "
+                f"{type(error).__name__}: {error}. torch-pruning does not narrow {kind} consistently; leave its "
+                f"layers out with exclude_modules=[...]. The model was left unchanged."
+            ) from error
+        return rows, measure_flops(model, example)
+
     def _check_plan(self, counter: GatedCounter, keep: torch.Tensor) -> None:
         """Every layer must have exactly the planned channels: shape checks alone miss partial removals."""
         modules = dict(self.root.named_modules())
@@ -405,9 +474,10 @@ class AutobotMethod(PruneMethod):
             module = modules[name]
             n = module.out_features if isinstance(module, nn.Linear) else module.out_channels
             if n != expected:
-                raise RuntimeError(
+                raise StructuredPruneError(
                     f"autobot: layer {name!r} has {n} output channels after pruning where the plan keeps {expected} "
-                    f"of {len(index)}; torch-pruning does not handle {type(module).__name__} here as planned"
+                    f"of {len(index)}; torch-pruning does not handle {type(module).__name__} here as planned. "
+                    "The model was left unchanged."
                 )
 
     def structure(self) -> dict[str, Any] | None:
