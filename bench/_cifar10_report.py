@@ -150,6 +150,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Temporary name, then rename: a crash never leaves half a results file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_results(results: dict[str, Any], directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     text = "\n\n".join(
@@ -162,13 +169,7 @@ def write_results(results: dict[str, Any], directory: Path) -> None:
         )
         if part
     )
-    # Temporary name, then rename: a crash never leaves half a results file.
-    for name, content in (
-        ("cifar10.json", json.dumps(results, indent=2, default=str) + "\n"),
-        ("cifar10.md", text + "\n"),
-    ):
-        tmp = directory / f".{name}.tmp"
-        tmp.write_text(content)
-        os.replace(tmp, directory / name)
+    atomic_write_text(directory / "cifar10.json", json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write_text(directory / "cifar10.md", text + "\n")
     plot(results, directory / "cifar10.png")
     print(text)

@@ -48,7 +48,7 @@ from _cifar10_eval import (  # noqa: E402
     run_eval_job,
     step_time_ratio,
 )
-from _cifar10_report import DATA_FREE_CHOICES, decide, write_results  # noqa: E402
+from _cifar10_report import DATA_FREE_CHOICES, atomic_write_text, decide, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -90,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_train_samples", type=int, default=None)
     p.add_argument("--max_eval_samples", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1 epoch, 2 sparsities, 2 ablations")
+    p.add_argument("--cost_only", action="store_true", help="only the checks, step-time ratio and prune() cost")
     p.add_argument("--results", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.quick:
@@ -105,12 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-ABLATIONS = ("pof_pw30", "pof_pw3000", "pof_global", "pof_warmup", "pof_refresh100", "pof_nested")
+ABLATIONS = ("pof_pw30", "pof_pw3000", "pof_global", "pof_warmup", "pof_refresh100", "pof_nested", "pof_combined")
 
 
 def run_specs(args: argparse.Namespace, steps_per_epoch: int) -> dict[str, dict[str, Any]]:
     """Name -> recipe method flags. "plain" is A, "pof" is B (defaults); the rest vary one POF switch each."""
     pof = {"method": "pof", "sparsity": args.pof_sparsity}
+    nested = sorted(set(args.sparsities) - {0.0})
     specs = {"plain": {"method": "magnitude", "sparsity": args.pof_sparsity}, "pof": dict(pof)}
     ablations = {
         "pof_pw30": {**pof, "penalty_weight": 30.0},
@@ -118,7 +120,9 @@ def run_specs(args: argparse.Namespace, steps_per_epoch: int) -> dict[str, dict[
         "pof_global": {**pof, "scope": "global"},
         "pof_warmup": {**pof, "penalty_warmup": steps_per_epoch},
         "pof_refresh100": {**pof, "threshold_refresh": 100},
-        "pof_nested": {**pof, "penalty_sparsities": sorted(set(args.sparsities) - {0.0})},
+        "pof_nested": {**pof, "penalty_sparsities": nested},
+        # The three switches that helped one at a time, together.
+        "pof_combined": {**pof, "scope": "global", "penalty_warmup": steps_per_epoch, "penalty_sparsities": nested},
     }
     specs.update({name: ablations[name] for name in args.ablations})
     return specs
@@ -228,11 +232,41 @@ def eval_jobs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> lis
     jobs.append(job("pof", "test", ["global"], ["zero"]))
     if "pof_nested" in specs:
         jobs.append(job("pof_nested", "test", ["layer"], ["zero", "mean", "bn_recal"]))
+    for name in ("pof_global", "pof_combined"):
+        if name in specs:
+            jobs.append(job(name, "test", ["global"], ["zero", "mean", "bn_recal"]))
     # Decisions (held-out part of train): the data-free recoveries on A and B; each ablation at its own scope.
     for name, flags in specs.items():
         variants = list(DATA_FREE_CHOICES) if name in ("plain", "pof") else ["zero", "mean"]
         jobs.append(job(name, "val", [flags.get("scope", "layer")], variants))
     return jobs
+
+
+def reuse_rows(args: argparse.Namespace, jobs: list[EvalJob]) -> tuple[list[dict[str, Any]], list[EvalJob]]:
+    """Rows of the previous results file that a job would measure again (same run, split, grid, data): reused
+    unless --retrain, so adding one run to a finished benchmark evaluates only that run."""
+    path = Path(args.results) / "cifar10.json"
+    if args.retrain or not path.exists():
+        return [], jobs
+    previous = json.loads(path.read_text())
+    same_data = all(
+        previous.get(k) == v for k, v in (("img_size", args.img_size), ("epochs", args.epochs), ("model", args.model))
+    )
+    index = {(r["run"], r["split"], r["scope"], r["sparsity"], r["variant"]): r for r in previous.get("runs", [])}
+    reused, todo = [], []
+    for job in jobs:
+        keys = [
+            (job.run, job.split, scope, sparsity, variant)
+            for scope in job.scopes
+            for sparsity in job.sparsities
+            for variant in job.variants
+        ]
+        if same_data and all(key in index for key in keys):
+            reused.extend(index[key] for key in keys)
+        else:
+            todo.append(job)
+    print(f"[eval] reusing {len(reused)} rows of {path}; {len(todo)} evaluation jobs to run", flush=True)
+    return reused, todo
 
 
 def checks_and_cost(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -286,12 +320,21 @@ def main(argv: list[str] | None = None) -> None:
     results.update(epochs=args.epochs, img_size=args.img_size, sparsities=args.sparsities, specs=specs)
     results["command"] = "python bench/cifar10.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results.update(checks_and_cost(args, specs))
+    if args.cost_only:
+        results["prune_cost"] = prune_cost(args) if args.prune_cost else []
+        results["wall_time_min"] = round((time.time() - started) / 60, 1)
+        path = Path(args.results) / "cifar10_cost.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")
+        print(f"done in {results['wall_time_min']} min; {path}")
+        return
     results["train_seconds"] = train_all(args, specs)
     results["dead_weights_trained"] = trained_dead_weights(args)
     print(f"[check] dead weights of the trained plain model: {100 * results['dead_weights_trained']:.2f} %")
-    rows: list[dict[str, Any]] = []
+    jobs = eval_jobs(args, specs)
+    rows, jobs = reuse_rows(args, jobs)
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        for part in pool.map(run_eval_job, eval_jobs(args, specs)):
+        for part in pool.map(run_eval_job, jobs):
             rows.extend(part)
     results["runs"] = rows
     results["decisions"] = decide(rows, specs)
