@@ -74,7 +74,7 @@ def _keep_below_threshold(score: torch.Tensor, threshold: float, ties_to_prune: 
     score = score.to(torch.float32)
     prune = score < threshold
     ties = score == threshold
-    n_ties = int(ties.sum())
+    n_ties = int(torch.count_nonzero(ties))
     if ties_to_prune > 0 and n_ties:
         take = min(ties_to_prune, n_ties)
         order = ties.reshape(-1).cumsum(0).reshape(ties.shape)
@@ -90,7 +90,7 @@ def layer_keep_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
         return torch.ones_like(score, dtype=torch.bool)
     flat = score.detach().reshape(-1).to(torch.float32)
     threshold = float(flat.kthvalue(k).values)
-    below = int((flat < threshold).sum())
+    below = int(torch.count_nonzero(flat < threshold))
     keep, _ = _keep_below_threshold(score.detach(), threshold, k - below)
     return keep
 
@@ -110,9 +110,9 @@ def global_keep_masks(scores: Sequence[Callable[[], torch.Tensor]], sparsity: fl
     for score_fn in scores:
         score = score_fn().detach().to(torch.float32)
         keep = score > threshold
-        n_below = int((score < threshold).sum())
+        n_below = int(torch.count_nonzero(score < threshold))
         below += n_below
-        tie_counts.append(score.numel() - n_below - int(keep.sum()))
+        tie_counts.append(score.numel() - n_below - int(torch.count_nonzero(keep)))
         masks.append(keep)
     ties_left = k - below
     # Entries equal to the threshold: the first ones in layer and storage order are pruned, the rest kept.
@@ -222,7 +222,7 @@ class PruneReport:
 
 
 def count_zeros(t: torch.Tensor) -> int:
-    return int((t == 0).sum())
+    return t.numel() - int(torch.count_nonzero(t))
 
 
 def fraction(n: int, d: int) -> float:
