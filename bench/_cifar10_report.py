@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 DATA_FREE_CHOICES = ("zero", "mean", "layer_mean", "renorm")
-LABELS = {"plain": "plain (magnitude)", "pof": "POF", "pof_nested": "POF nested"}
+LABELS = {
+    "plain": "plain (magnitude)",
+    "pof": "POF",
+    "pof_nested": "POF nested",
+    "pof_global": "POF global",
+    "pof_combined": "POF global+nested+warm-up",
+}
 
 
 def _average(rows: list[dict[str, Any]], **match: Any) -> float | None:
@@ -128,7 +134,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for r in test:
         groups[(r["run"], r["scope"], r["variant"])].append((r["sparsity"], r["top1"]))
     fig, ax = plt.subplots(figsize=(10, 5.5))
-    for (run, scope, variant), points in groups.items():
+    colors = plt.get_cmap("tab20").colors
+    for index, ((run, scope, variant), points) in enumerate(groups.items()):
         points.sort()
         style = "-" if run.startswith("pof") else "--"
         ax.plot(
@@ -137,6 +144,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             style,
             marker="o",
             ms=3,
+            color=colors[index % len(colors)],
             label=f"{LABELS.get(run, run)}, {scope}, {variant}",
         )
     ax.set(

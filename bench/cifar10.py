@@ -1,6 +1,6 @@
 """Retrain-free pruning on CIFAR-10: POF against magnitude-pruning baselines, with cost and ablations.
 
-    python bench/cifar10.py --data ../shared/datasets/cifar10            # the whole suite (about 90 min, 2 cores)
+    python bench/cifar10.py --data ../shared/datasets/cifar10            # A, B and four ablations (~45 min, 2 cores)
     python bench/cifar10.py --data ../shared/datasets/cifar10 --quick    # a smoke run of every stage (minutes)
 
 Every model is trained by the project's own recipe (``recipes/train.py``, one process per run, ``--jobs`` runs
