@@ -344,3 +344,34 @@ def test_recipe_runs_psap_end_to_end(tmp_path: Path) -> None:
     assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in dense.parameters())
     with torch.no_grad():
         assert loaded(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_failed_removal_leaves_the_soft_pruned_model_unchanged(monkeypatch) -> None:
+    import timm_prune.methods.psap as psap_module
+
+    pm = make(sparsity=0.5, prune_every=1, prune_steps=1)
+    train(pm, 2)
+    x, _ = data(2)
+    pm.eval()
+    with torch.no_grad():
+        before_out = pm(x)
+    before_state = {k: v.clone() for k, v in pm.state_dict().items()}
+    real_remove = psap_module.remove_channels
+
+    def remove_then_fail(state, keep):
+        real_remove(state, keep)  # every group already narrowed: the hardest case to undo
+        raise RuntimeError("simulated failure after removal")
+
+    monkeypatch.setattr(psap_module, "remove_channels", remove_then_fail)
+    with pytest.raises(timm_prune.StructuredPruneError, match="simulated failure.*left unchanged"):
+        pm.prune()
+    after_state = pm.state_dict()
+    assert after_state.keys() == before_state.keys()
+    assert all(torch.equal(after_state[k], v) for k, v in before_state.items())
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), before_out, rtol=0, atol=0)  # still soft-pruned through its gates
+    monkeypatch.setattr(psap_module, "remove_channels", real_remove)
+    report = pm.prune()  # and it can still be pruned for real
+    assert report.params_after < report.params_before
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), before_out, rtol=1e-4, atol=1e-5)

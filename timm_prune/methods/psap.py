@@ -59,6 +59,7 @@ import torch.nn as nn
 from .. import _psap_select as sel
 from .._psap_graph import ChannelGraph, build_channel_graph, filter_stats, remove_channels
 from ..structured import StructuredReport, count_params, measure_flops, measure_latency, snapshot, structure_diff
+from ..structured_guard import ModelBackup, StructuredPruneError
 from .base import PruneMethod, is_int, is_number
 from .registry import register_method
 
@@ -259,9 +260,7 @@ class PsapMethod(PruneMethod):
                     f"MFLOPs) is below what max_ratio {self.config.max_ratio} allows in {type(self.root).__name__} "
                     f"({least / 1e6:.3f} MFLOPs): raise flops_target or max_ratio"
                 )
-        for name, index in state.in_maps.items():
-            hook = self._gate_hook(index.to(example.device))
-            state.handles.append(state.modules[name].register_forward_pre_hook(hook))
+        self._register_gates(state, example.device)
         total = state.total
         if self.pruned.numel() == 0:
             self.pruned = torch.zeros(total, dtype=torch.bool, device=example.device)
@@ -271,6 +270,11 @@ class PsapMethod(PruneMethod):
         self.__dict__["_graph"] = state
         self.__dict__["_any_pruned"] = None
         return state
+
+    def _register_gates(self, state: ChannelGraph, device: torch.device) -> None:
+        for name, index in state.in_maps.items():
+            hook = self._gate_hook(index.to(device))
+            state.handles.append(state.modules[name].register_forward_pre_hook(hook))
 
     def _gate_hook(self, index: torch.Tensor):
         def hook(module: nn.Module, args: tuple) -> tuple | None:
@@ -430,16 +434,32 @@ class PsapMethod(PruneMethod):
         keep = ~self.pruned.cpu()
         was_training = model.training
         model.eval()
+        # Removal is transactional, as AutoBot's: any failure rolls the model back (gate hooks included, so it
+        # stays soft-pruned and trainable) and raises.
+        backup = ModelBackup(model, state.graph)
         for handle in state.handles:  # channel indices change below: the gates must go first
             handle.remove()
+        state.handles.clear()
         self.__dict__["_root_handle"].remove()
         self.__dict__["_flat"] = None
         params_before, flops_before = count_params(model), state.counter.dense
         latency_before = measure_latency(model, example, runs) if runs else None
         before = snapshot(model)
-        rows = remove_channels(state, keep)
+        try:
+            rows = remove_channels(state, keep)
+            flops_after = measure_flops(model, example)
+        except BaseException as e:
+            backup.restore()
+            self._register_gates(state, example.device)
+            self.__dict__["_root_handle"] = model.register_forward_pre_hook(lambda m, args: self._on_forward(m, args))
+            model.train(was_training)
+            if isinstance(e, Exception) and not isinstance(e, StructuredPruneError):
+                raise StructuredPruneError(
+                    f"psap: removing channels of {type(model).__name__} failed ({type(e).__name__}: {e}). "
+                    "The model was left unchanged."
+                ) from e
+            raise
         planned = state.counter.keep_flops(keep)
-        flops_after = measure_flops(model, example)
         if abs(flops_after - planned) > 0.01 * planned:
             warnings.warn(
                 f"psap: the pruned {type(model).__name__} measures {flops_after / 1e6:.3f} MFLOPs where selection "
