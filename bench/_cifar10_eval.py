@@ -15,7 +15,7 @@ import glob
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import timm
@@ -29,6 +29,7 @@ import timm_prune
 from timm_prune.data import create_transforms, load_image_splits
 
 DATA_FREE = ("mean", "layer_mean", "renorm")
+# Every variant run_eval_job can measure (a job lists the ones it wants).
 VARIANTS = ("zero",) + DATA_FREE + ("bn_recal", "mean+bn_recal")
 
 
@@ -61,7 +62,6 @@ class EvalJob:
     bn_batches: int
     data: DataSpec
     threads: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def create_model(name: str, model_kwargs: dict[str, Any], num_classes: int = 10) -> nn.Module:
@@ -122,6 +122,9 @@ def _convert(job: EvalJob, scope: str, sparsity: float, state: dict[str, torch.T
 
 def run_eval_job(job: EvalJob) -> list[dict[str, Any]]:
     """Top-1 of every (scope, sparsity, variant) of the job; one row each, with the dense top-1 beside it."""
+    unknown = sorted(set(job.variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"{job.run}: unknown variant(s) {unknown}; known: {list(VARIANTS)}")
     torch.set_num_threads(job.threads)
     started = time.time()
     state = dense_checkpoint(job.run_dir)
@@ -161,7 +164,6 @@ def run_eval_job(job: EvalJob) -> list[dict[str, Any]]:
                             "split": job.split,
                             "top1": round(100 * value, 2),
                             "dense_top1": round(100 * dense, 2),
-                            **job.extra,
                         }
                     )
     print(f"[eval] {job.run} on {job.split}: {len(rows)} rows in {time.time() - started:.0f} s", flush=True)
