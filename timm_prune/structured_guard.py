@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
+
+T = TypeVar("T")
 
 
 class StructuredPruneError(RuntimeError):
@@ -84,6 +87,37 @@ class ModelBackup:
                 if tensor.data.data_ptr() != data.data_ptr() or tensor.shape != data.shape:
                     tensor.data = data
                 tensor.requires_grad_(requires_grad)
+
+
+def remove_or_roll_back(
+    method: str, model: nn.Module, graph: Any, remove: Callable[[], T], on_rollback: Callable[[], None]
+) -> T:
+    """Run ``remove()`` (physical channel removal and its checks); on any failure restore ``model`` (and
+    torch-pruning's ``graph``) exactly, call ``on_rollback`` (re-attach what the method took off), and raise
+    ``StructuredPruneError`` naming the cause."""
+    backup = ModelBackup(model, graph)
+    try:
+        return remove()
+    except BaseException as e:
+        backup.restore()
+        on_rollback()
+        if isinstance(e, Exception) and not isinstance(e, StructuredPruneError):
+            raise StructuredPruneError(
+                f"{method}: removing channels of {type(model).__name__} failed ({type(e).__name__}: {e}). "
+                "The model was left unchanged."
+            ) from e
+        raise
+
+
+def warn_if_off_plan(method: str, model: nn.Module, flops_after: float, planned: float) -> None:
+    """The FLOPs count missed something this architecture computes (an op outside convs / linears that scales
+    with channels): say so, since the target may be missed by the difference."""
+    if abs(flops_after - planned) > 0.01 * planned:
+        warnings.warn(
+            f"{method}: the pruned {type(model).__name__} measures {flops_after / 1e6:.3f} MFLOPs where selection "
+            f"planned {planned / 1e6:.3f}",
+            stacklevel=4,
+        )
 
 
 def _copied_state(obj: Any) -> dict[str, Any]:

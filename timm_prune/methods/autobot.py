@@ -56,12 +56,13 @@ from ..structured import (
     structure_diff,
 )
 from ..structured_guard import (
-    ModelBackup,
     StructuredPruneError,
     clear_attention_caches,
     failing_module,
     follow_parameter_shapes,
     parameter_shapes,
+    remove_or_roll_back,
+    warn_if_off_plan,
 )
 from .base import PruneMethod, is_int, is_number
 from .registry import register_method
@@ -394,27 +395,15 @@ class AutobotMethod(PruneMethod):
         before = snapshot(model)
         # Removal is transactional: any failure (torch-pruning raising, a layer narrowed other than planned,
         # a pruned model that no longer runs) rolls the model back to exactly what it was, then raises.
-        backup = ModelBackup(model, self.__dict__["_graph"][0])  # the graph too: a retry uses it again
-        try:
-            rows, flops_after = self._remove(counter, keep, example)
-        except BaseException as e:
-            backup.restore()
-            model.train(was_training)
-            if isinstance(e, Exception) and not isinstance(e, StructuredPruneError):
-                raise StructuredPruneError(
-                    f"autobot: torch-pruning failed while removing channels of {type(model).__name__} "
-                    f"({type(e).__name__}: {e}). The model was left unchanged."
-                ) from e
-            raise
+        rows, flops_after = remove_or_roll_back(
+            "autobot",
+            model,
+            self.__dict__["_graph"][0],  # the graph too: a retry uses it again
+            lambda: self._remove(counter, keep, example),
+            on_rollback=lambda: model.train(was_training),
+        )
         planned = counter.keep_flops(keep)
-        if abs(flops_after - planned) > 0.01 * planned:
-            # The count missed something this architecture computes (an op outside convs / linears that
-            # scales with channels): the target may be missed by the difference.
-            warnings.warn(
-                f"autobot: the pruned {type(model).__name__} measures {flops_after / 1e6:.3f} MFLOPs where "
-                f"selection planned {planned / 1e6:.3f}",
-                stacklevel=3,
-            )
+        warn_if_off_plan("autobot", model, flops_after, planned)
         latency_after = measure_latency(model, example, runs) if runs else None
         model.train(was_training)
         self.__dict__["_structure"] = structure_diff(before, model)

@@ -59,7 +59,7 @@ import torch.nn as nn
 from .. import _psap_select as sel
 from .._psap_graph import ChannelGraph, build_channel_graph, filter_stats, remove_channels
 from ..structured import StructuredReport, count_params, measure_flops, measure_latency, snapshot, structure_diff
-from ..structured_guard import ModelBackup, StructuredPruneError
+from ..structured_guard import remove_or_roll_back, warn_if_off_plan
 from .base import PruneMethod, is_int, is_number
 from .registry import register_method
 
@@ -434,9 +434,6 @@ class PsapMethod(PruneMethod):
         keep = ~self.pruned.cpu()
         was_training = model.training
         model.eval()
-        # Removal is transactional, as AutoBot's: any failure rolls the model back (gate hooks included, so it
-        # stays soft-pruned and trainable) and raises.
-        backup = ModelBackup(model, state.graph)
         for handle in state.handles:  # channel indices change below: the gates must go first
             handle.remove()
         state.handles.clear()
@@ -445,27 +442,20 @@ class PsapMethod(PruneMethod):
         params_before, flops_before = count_params(model), state.counter.dense
         latency_before = measure_latency(model, example, runs) if runs else None
         before = snapshot(model)
-        try:
+
+        def remove() -> tuple[list[dict[str, Any]], float]:
             rows = remove_channels(state, keep)
-            flops_after = measure_flops(model, example)
-        except BaseException as e:
-            backup.restore()
+            return rows, measure_flops(model, example)
+
+        def reattach() -> None:  # a rolled-back model stays soft-pruned and trainable through its gates
             self._register_gates(state, example.device)
             self.__dict__["_root_handle"] = model.register_forward_pre_hook(lambda m, args: self._on_forward(m, args))
             model.train(was_training)
-            if isinstance(e, Exception) and not isinstance(e, StructuredPruneError):
-                raise StructuredPruneError(
-                    f"psap: removing channels of {type(model).__name__} failed ({type(e).__name__}: {e}). "
-                    "The model was left unchanged."
-                ) from e
-            raise
+
+        # Transactional, as AutoBot's: any failure rolls the model back, gate hooks included, then raises.
+        rows, flops_after = remove_or_roll_back("psap", model, state.graph, remove, on_rollback=reattach)
         planned = state.counter.keep_flops(keep)
-        if abs(flops_after - planned) > 0.01 * planned:
-            warnings.warn(
-                f"psap: the pruned {type(model).__name__} measures {flops_after / 1e6:.3f} MFLOPs where selection "
-                f"planned {planned / 1e6:.3f}",
-                stacklevel=3,
-            )
+        warn_if_off_plan("psap", model, flops_after, planned)
         latency_after = measure_latency(model, example, runs) if runs else None
         model.train(was_training)
         self.__dict__["_structure"] = structure_diff(before, model)
