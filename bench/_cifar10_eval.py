@@ -62,6 +62,11 @@ class EvalJob:
     bn_batches: int
     data: DataSpec
     threads: int = 1
+    # bfloat16 autocast and channels-last memory format: about 2x faster on CPUs with bf16 units; every
+    # contender of one benchmark is evaluated the same way.
+    bf16: bool = False
+    # Where the trained weights are: the run's last epoch checkpoint (default) or a saved model directory.
+    weights: str = "checkpoint"
 
 
 def create_model(name: str, model_kwargs: dict[str, Any], num_classes: int = 10) -> nn.Module:
@@ -103,6 +108,11 @@ def top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_siz
     return correct / len(images)
 
 
+def saved_weights(directory: str) -> dict[str, torch.Tensor]:
+    """A ``save_pretrained`` directory's merged weights, keyed as a converted model's state (``model.`` prefix)."""
+    return {f"model.{k}": v for k, v in load_file(os.path.join(directory, "model.safetensors")).items()}
+
+
 def dense_checkpoint(run_dir: str) -> dict[str, torch.Tensor]:
     """The trained, unpruned weights: the recipe's last epoch checkpoint (safetensors, no pickle)."""
     epochs = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "epoch_*")), key=lambda p: int(p.rsplit("_", 1)[1]))
@@ -116,7 +126,10 @@ def dense_checkpoint(run_dir: str) -> dict[str, torch.Tensor]:
 def _convert(job: EvalJob, scope: str, sparsity: float, state: dict[str, torch.Tensor]) -> timm_prune.PrunableModel:
     config = timm_prune.PruneConfig(method=job.method, sparsity=sparsity, scope=scope, **job.options)
     pm = timm_prune.convert(create_model(job.model, job.model_kwargs), config)
-    pm.load_state_dict(state)
+    # A saved model holds the plain timm weights only; the method's training state (if any) starts fresh.
+    pm.load_state_dict(state, strict=job.weights == "checkpoint")
+    if job.bf16:
+        pm = pm.to(memory_format=torch.channels_last)
     return pm.eval()
 
 
@@ -127,9 +140,17 @@ def run_eval_job(job: EvalJob) -> list[dict[str, Any]]:
         raise ValueError(f"{job.run}: unknown variant(s) {unknown}; known: {list(VARIANTS)}")
     torch.set_num_threads(job.threads)
     started = time.time()
-    state = dense_checkpoint(job.run_dir)
+    state = dense_checkpoint(job.run_dir) if job.weights == "checkpoint" else saved_weights(job.run_dir)
     pm = _convert(job, job.scopes[0], job.sparsities[0], state)
     (images, labels), (bn_images, _) = load_eval_tensors(job.data, pm, job.split)
+    if job.bf16:
+        images, bn_images = (t.contiguous(memory_format=torch.channels_last) for t in (images, bn_images))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=job.bf16):
+        return _evaluate_grid(job, state, images, labels, bn_images, started)
+
+
+def _evaluate_grid(job: EvalJob, state: dict, images: torch.Tensor, labels: torch.Tensor, bn_images, started):
+    pm = _convert(job, job.scopes[0], job.sparsities[0], state)
     dense = top1(pm, images, labels)
     bs = job.data.batch_size
     bn_batches = [bn_images[i : i + bs] for i in range(0, len(bn_images), bs)][: job.bn_batches]
@@ -207,6 +228,7 @@ def step_time_ratio(
     pof_options: dict[str, Any],
     steps: int = 60,
     warmup: int = 4,
+    method: str = "pof",
 ) -> dict[str, float]:
     """Training-step time of POF (B) over plain training (A) on identical batches, interleaved: the median of the
     ratios of adjacent steps.
@@ -221,7 +243,7 @@ def step_time_ratio(
     plain.load_state_dict(state)
     models = {
         "A": timm_prune.convert(plain, timm_prune.PruneConfig(method="magnitude")),
-        "B": timm_prune.convert(base, timm_prune.PruneConfig(method="pof", **pof_options)),
+        "B": timm_prune.convert(base, timm_prune.PruneConfig(method=method, **pof_options)),
     }
     optimizers = {
         k: create_optimizer_v2(m, opt="sgd", lr=0.01, weight_decay=5e-4, momentum=0.9) for k, m in models.items()
@@ -235,6 +257,7 @@ def step_time_ratio(
             loss = F.cross_entropy(model(images), labels) + model.penalty()
             loss.backward()
             optimizer.step()
+            model.on_step_end(step=step + 1, total_steps=warmup + steps)  # GMP's mask updates count too
             optimizer.zero_grad()
             if step >= warmup:
                 times[key].append(time.perf_counter() - start)

@@ -119,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", choices=("timm", "none"), default="timm", help="timm training transform, or none")
     g.add_argument("--hflip", type=float, default=None, help="horizontal flip probability (timm default 0.5)")
     g.add_argument("--scale", type=float, nargs=2, default=None, help="RandomResizedCrop scale range")
+    g.add_argument("--color_jitter", type=float, default=None, help="ColorJitter strength (timm default 0.4)")
+    g.add_argument(
+        "--data_pipeline",
+        choices=("auto", "tensor", "pil"),
+        default="auto",
+        help="tensor: decode once, augment whole batches (fast, for in-memory datasets); pil: timm's per-image "
+        "transforms; auto: tensor when the decoded train split fits in --tensor_pipeline_max_gb",
+    )
+    g.add_argument("--tensor_pipeline_max_gb", type=float, default=4.0, help=argparse.SUPPRESS)
     g = p.add_argument_group("pruning (method fields of every registered method are flags too)")
     g.add_argument("--method", type=str, default="pof", help=f"one of {timm_prune.list_methods()}")
     g.add_argument("--sparsity", type=float, default=0.7, help="fraction of targeted weights removed, in [0, 1)")
@@ -146,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min_lr", type=float, default=0.0)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--seed", type=int, default=42)
+    g.add_argument(
+        "--channels_last", type=str2bool, nargs="?", const=True, default=False, help="channels-last memory format"
+    )
     g.add_argument("--cpu", type=str2bool, nargs="?", const=True, default=False, help="force CPU")
     g = p.add_argument_group("checkpoints, logs, outputs")
     g.add_argument("--output_dir", type=str, default=None, help="default: runs/<dataset>-<model>-<method>-<pct>")

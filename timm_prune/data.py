@@ -12,6 +12,7 @@ exactly the same augmented images.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -244,15 +245,255 @@ def create_transforms(model: torch.nn.Module, img_size: int | None, crop_pct: fl
 
 
 def create_loader(
-    dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool, num_workers: int, drop_last: bool = False
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    drop_last: bool = False,
+    generator: torch.Generator | None = None,
 ) -> torch.utils.data.DataLoader:
+    batched = isinstance(dataset, TensorImageDataset)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
-        num_workers=num_workers,
+        # A tensor dataset augments whole batches in the main process: workers would only copy its images.
+        num_workers=0 if batched else num_workers,
         drop_last=drop_last,
+        generator=generator,
+        collate_fn=_stacked_batch if batched else None,
         # Fresh workers each epoch: they must pick up the dataset's epoch for seeded augmentation.
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def _stacked_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    # TensorImageDataset.__getitems__ already returns the stacked batch.
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-memory tensor pipeline: decode once, augment whole batches.
+#
+# Per-sample PIL transforms cost as much CPU as the training step of a small model at 32-36 px (issue 13's
+# measurement). For datasets that fit in memory, the whole split is decoded once into one uint8 tensor and a batch
+# is augmented at once: RandomResizedCrop + horizontal flip as one affine ``grid_sample`` (the crop box mapped onto
+# the output grid, pixel centres as PIL places them), ColorJitter's brightness / contrast / saturation as tensor
+# arithmetic, then normalisation. Eval images are resized and centre-cropped once, at construction.
+# ---------------------------------------------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _hash_uniform(seed: int, epoch: int, indices: np.ndarray, stream: int) -> np.ndarray:
+    """Uniform [0, 1) floats that depend only on (seed, epoch, sample index, stream): splitmix64's finaliser."""
+    x = np.asarray(indices, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    x ^= np.uint64(((seed * 1_000_003 + epoch) * 10_000_019 + stream * 7_919) & _MASK64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def random_resized_crop_boxes(
+    seed: int,
+    epoch: int,
+    indices: np.ndarray,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    attempts: int = 10,
+) -> np.ndarray:
+    """Crop boxes ``(top, left, h, w)`` per sample, drawn as torchvision's ``RandomResizedCrop.get_params`` does.
+
+    Ten attempts at a box of random area and aspect ratio; the first that fits wins; otherwise a centre crop
+    clamped to the ratio range. Every draw is a function of (seed, epoch, index) only.
+    """
+    n = len(indices)
+    area = float(height * width)
+    boxes = np.zeros((n, 4), dtype=np.float64)
+    done = np.zeros(n, dtype=bool)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for attempt in range(attempts):
+        u = [_hash_uniform(seed, epoch, indices, 4 * attempt + k) for k in range(4)]
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = np.exp(log_lo + (log_hi - log_lo) * u[1])
+        w = np.round(np.sqrt(target * aspect))
+        h = np.round(np.sqrt(target / aspect))
+        fits = ~done & (w > 0) & (h > 0) & (w <= width) & (h <= height)
+        top = np.floor(u[2] * (height - h + 1))
+        left = np.floor(u[3] * (width - w + 1))
+        boxes[fits] = np.stack([top, left, h, w], axis=1)[fits]
+        done |= fits
+    if not done.all():
+        in_ratio = width / height
+        if in_ratio < ratio[0]:
+            w, h = width, round(width / ratio[0])
+        elif in_ratio > ratio[1]:
+            h, w = height, round(height * ratio[1])
+        else:
+            w, h = width, height
+        boxes[~done] = [(height - h) // 2, (width - w) // 2, h, w]
+    return boxes
+
+
+def _crop_grid(boxes: np.ndarray, flip: np.ndarray, height: int, width: int, size: tuple[int, int]) -> torch.Tensor:
+    """Sampling grids that map each output image onto its crop box (``align_corners=False`` coordinates)."""
+    top, left, h, w = (torch.from_numpy(boxes[:, k]).float() for k in range(4))
+    theta = torch.zeros(len(boxes), 2, 3)
+    theta[:, 0, 0] = (w / width) * torch.from_numpy(np.where(flip, -1.0, 1.0)).float()
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    return torch.nn.functional.affine_grid(theta, [len(boxes), 3, *size], align_corners=False)
+
+
+def _grey(images: torch.Tensor) -> torch.Tensor:
+    r, g, b = images.unbind(dim=1)
+    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+class TensorImageDataset(torch.utils.data.Dataset):
+    """A whole split held as one uint8 tensor, augmented a batch at a time.
+
+    ``__getitems__`` (what ``DataLoader`` calls for a batch of indices) returns ``(images, labels)`` already
+    stacked; use :func:`create_loader`, which passes the batch through. Training augmentation depends on
+    ``(seed, epoch, index)`` only, like :class:`ImageClassificationDataset`: resumed runs and any number of
+    processes see the same images. Interpolation is bilinear or bicubic ``grid_sample`` without antialiasing
+    (crops are upsampled at CIFAR-like sizes; downscaling by more than 2x would alias).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        input_size: tuple[int, int],
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        *,
+        train: bool,
+        crop_pct: float = 1.0,
+        interpolation: str = "bilinear",
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        color_jitter: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be a uint8 tensor (N, 3, H, W); got {images.dtype} {tuple(images.shape)}")
+        self.train = train
+        self.input_size = tuple(input_size)
+        self.mode = "bicubic" if interpolation == "bicubic" else "bilinear"
+        self.scale, self.ratio, self.hflip, self.color_jitter = tuple(scale), tuple(ratio), hflip, color_jitter
+        self.seed = seed
+        self.epoch = 0
+        self.labels = labels.long()
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.images = images if train else self._eval_geometry(images, crop_pct)
+
+    def _eval_geometry(self, images: torch.Tensor, crop_pct: float) -> torch.Tensor:
+        # timm's eval transform: resize the shorter side to size / crop_pct, centre-crop to size; done once.
+        out_h, out_w = self.input_size
+        short = math.floor(max(out_h, out_w) / crop_pct)
+        h, w = images.shape[-2:]
+        new_h, new_w = (short, round(w * short / h)) if h <= w else (round(h * short / w), short)
+        chunks = []
+        for start in range(0, len(images), 1024):
+            x = images[start : start + 1024].float()
+            if (new_h, new_w) != (h, w):
+                x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode=self.mode, antialias=True)
+            top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+            chunks.append(x[..., top : top + out_h, left : left + out_w].round().clamp(0, 255).to(torch.uint8))
+        return torch.cat(chunks)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        images, labels = self.__getitems__([index])
+        return images[0], int(labels[0])
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images = self.images[index].float()
+        if self.train:
+            images = self._augment(images, np.asarray(indices, dtype=np.int64))
+        images = (images / 255.0 - self.mean) / self.std
+        return images.contiguous(), self.labels[index]
+
+    def _augment(self, images: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        boxes = random_resized_crop_boxes(self.seed, self.epoch, indices, height, width, self.scale, self.ratio)
+        flip = _hash_uniform(self.seed, self.epoch, indices, 100) < self.hflip
+        grid = _crop_grid(boxes, flip, height, width, self.input_size)
+        images = torch.nn.functional.grid_sample(
+            images, grid, mode=self.mode, padding_mode="border", align_corners=False
+        )
+        if self.color_jitter > 0:
+            j = self.color_jitter
+            factors = [
+                torch.from_numpy(1 - j + 2 * j * _hash_uniform(self.seed, self.epoch, indices, 101 + k))
+                .float()
+                .view(-1, 1, 1, 1)
+                for k in range(3)
+            ]
+            images = images * factors[0]  # brightness
+            mean_grey = _grey(images).mean(dim=(1, 2, 3), keepdim=True)
+            images = (images - mean_grey) * factors[1] + mean_grey  # contrast
+            grey = _grey(images)
+            images = (images - grey) * factors[2] + grey  # saturation
+        return images.clamp(0, 255)
+
+
+def decode_images(dataset: Any, image_column: str, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Every image of ``dataset`` as one uint8 tensor (N, 3, H, W); all must share one size unless ``size`` is set."""
+    rows = []
+    for image in dataset[image_column]:
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image))
+        image = image.convert("RGB")
+        if size is not None and image.size != (size[1], size[0]):
+            image = image.resize((size[1], size[0]), Image.BICUBIC)
+        rows.append(np.asarray(image))
+    shapes = {r.shape for r in rows}
+    if len(shapes) != 1:
+        raise ValueError(f"images of different sizes {sorted(shapes)[:3]}...: pass size= to decode them to one size")
+    return torch.from_numpy(np.stack(rows)).permute(0, 3, 1, 2).contiguous()
+
+
+def tensor_datasets(
+    splits: ImageSplits, data_config: dict, augment: dict, seed: int
+) -> tuple[TensorImageDataset, TensorImageDataset, TensorImageDataset]:
+    """(train, eval, BatchNorm re-estimation) tensor datasets for ``splits``, matching :func:`create_transforms`."""
+    train_images = decode_images(splits.train, splits.image_column)
+    size = tuple(train_images.shape[-2:])
+    eval_images = decode_images(splits.validation, splits.image_column, size=size)
+    train_labels = torch.as_tensor(splits.train[splits.label_column])
+    eval_labels = torch.as_tensor(splits.validation[splits.label_column])
+    common = {
+        "input_size": tuple(data_config["input_size"][-2:]),
+        "mean": tuple(data_config["mean"]),
+        "std": tuple(data_config["std"]),
+        "crop_pct": data_config.get("crop_pct", 1.0),
+        "interpolation": data_config.get("interpolation", "bilinear"),
+    }
+    if augment.get("none"):
+        train = TensorImageDataset(train_images, train_labels, train=False, **common)
+    else:
+        options = {
+            "scale": tuple(augment.get("scale") or (0.08, 1.0)),
+            "hflip": 0.5 if augment.get("hflip") is None else augment["hflip"],
+            "color_jitter": 0.4 if augment.get("color_jitter") is None else augment["color_jitter"],
+        }
+        train = TensorImageDataset(train_images, train_labels, train=True, seed=seed, **common, **options)
+    evaluation = TensorImageDataset(eval_images, eval_labels, train=False, **common)
+    bn = TensorImageDataset(train_images, train_labels, train=False, **common)
+    return train, evaluation, bn

@@ -1,0 +1,237 @@
+"""Tables, winners and the plot of ``bench/cifar10_v2.py``, recomputed from its rows alone."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+DATA_FREE = ("zero", "mean")
+WITH_DATA = ("bn_recal", "mean+bn_recal")
+ORDER = ("pof", "plain", "gmp", "base", "wanda", "sparsegpt")
+LABELS = {
+    "plain": "plain FT + global magnitude",
+    "pof": "POF FT (one model)",
+    "gmp": "GMP FT (one model per sparsity)",
+    "base": "base, no FT, global magnitude",
+    "wanda": "Wanda (one-shot)",
+    "sparsegpt": "SparseGPT (one-shot)",
+}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    mean = statistics.mean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": round(mean, 2), "std": round(std, 2), "n": len(values)}
+
+
+def aggregate(rows: list[dict[str, Any]], split: str) -> dict[tuple[str, str, float], dict[str, float]]:
+    """(contender, variant, sparsity) -> mean / std / n of top-1 over seeds."""
+    groups: dict[tuple[str, str, float], list[float]] = defaultdict(list)
+    for r in rows:
+        if r["split"] == split:
+            groups[(r["contender"], r["variant"], r["sparsity"])].append(r["top1"])
+    return {key: stats(values) for key, values in groups.items()}
+
+
+def choose_variants(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Per contender, its best data-free and best data-using variant on the held-out split (mean over sparsities)."""
+    val = aggregate(rows, "val")
+    choices: dict[str, dict[str, str]] = {}
+    for contender in {c for c, _, _ in val}:
+        choices[contender] = {}
+        for kind, variants in (("data_free", DATA_FREE), ("with_data", WITH_DATA)):
+            scores = {}
+            for variant in variants:
+                values = [s["mean"] for (c, v, sp), s in val.items() if c == contender and v == variant and sp > 0]
+                if values:
+                    scores[variant] = statistics.mean(values)
+            if scores:
+                choices[contender][kind] = max(scores, key=scores.get)
+    return choices
+
+
+def _cell(entry: dict[str, float] | None) -> str:
+    if entry is None:
+        return "-"
+    return f"{entry['mean']:.2f} ± {entry['std']:.2f}" if entry["n"] > 1 else f"{entry['mean']:.2f}"
+
+
+def winners(results: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    """At each sparsity, the contenders ranked by mean test top-1 with their chosen variant of ``kind``; whether the
+    lead over the runner-up exceeds two standard errors of the difference (seed-to-seed spread)."""
+    test = aggregate(results["rows"], "test")
+    choices = results["choices"]
+    out = []
+    for sparsity in results["sparsities"]:
+        ranked = []
+        for contender, chosen in choices.items():
+            variant = chosen.get(kind)
+            entry = test.get((contender, variant, sparsity))
+            if entry is not None:
+                ranked.append((entry["mean"], contender, variant, entry))
+        ranked.sort(reverse=True)
+        if len(ranked) < 2:
+            continue
+        (m1, c1, v1, e1), (m2, c2, v2, e2) = ranked[0], ranked[1]
+        se = math.sqrt(e1["std"] ** 2 / e1["n"] + e2["std"] ** 2 / e2["n"])
+        both_seeded = e1["n"] > 1 and e2["n"] > 1
+        out.append(
+            {
+                "sparsity": sparsity,
+                "winner": c1,
+                "variant": v1,
+                "top1": m1,
+                "runner_up": c2,
+                "runner_up_variant": v2,
+                "runner_up_top1": m2,
+                "lead": round(m1 - m2, 2),
+                "significant": bool(both_seeded and (m1 - m2) > 2 * se),
+                "seeds": min(e1["n"], e2["n"]),
+            }
+        )
+    return out
+
+
+def main_table(results: dict[str, Any]) -> str:
+    test = aggregate(results["rows"], "test")
+    sparsities = results["sparsities"]
+    head = "| contender | variant | dense | " + " | ".join(f"{100 * s:.0f} %" for s in sparsities) + " |"
+    lines = [head, "|---|---|---:|" + "---:|" * len(sparsities)]
+    for contender in ORDER:
+        chosen = results["choices"].get(contender)
+        if not chosen:
+            continue
+        dense = test.get((contender, "dense", 0.0))
+        variants = sorted(set(chosen.values()), key=lambda v: (v not in DATA_FREE, v))
+        for variant in variants:
+            cells = [_cell(test.get((contender, variant, s))) for s in sparsities]
+            lines.append(f"| {LABELS[contender]} | {variant} | {_cell(dense)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def all_variants_table(results: dict[str, Any]) -> str:
+    test = aggregate(results["rows"], "test")
+    sparsities = results["sparsities"]
+    lines = ["| contender | variant | " + " | ".join(f"{100 * s:.0f} %" for s in sparsities) + " |"]
+    lines.append("|---|---|" + "---:|" * len(sparsities))
+    for contender in ORDER:
+        for variant in DATA_FREE + WITH_DATA:
+            cells = [test.get((contender, variant, s)) for s in sparsities]
+            if any(cells):
+                lines.append(f"| {contender} | {variant} | " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def winner_lines(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for kind, title in (("with_data", "with BatchNorm re-estimation"), ("data_free", "data-free")):
+        lines.append(f"Winners, {title} (each contender with its variant chosen on the held-out split):")
+        for w in results["winners"][kind]:
+            verdict = "exceeds" if w["significant"] else "does not exceed"
+            lines.append(
+                f"- {100 * w['sparsity']:.0f} %: {w['winner']} ({w['variant']}) {w['top1']:.2f} vs "
+                f"{w['runner_up']} ({w['runner_up_variant']}) {w['runner_up_top1']:.2f}: lead {w['lead']:+.2f} pt, "
+                f"{verdict} 2 standard errors ({w['seeds']} seed(s))"
+            )
+    return lines
+
+
+def cost_lines(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, row in (results.get("cost") or {}).items():
+        lines.append(
+            f"- step time {name} / plain (interleaved, median of paired ratios): x{row['step_time_ratio']:.3f}"
+        )
+    times: dict[str, list[float]] = defaultdict(list)
+    for row in results.get("run_times", []):
+        if row.get("wall_time_s"):
+            times[row["contender"]].append(row["wall_time_s"])
+    for contender, values in sorted(times.items()):
+        lines.append(
+            f"- {contender}: median wall time per fine-tuning run {statistics.median(values) / 60:.1f} min "
+            f"({len(values)} run(s), {results.get('jobs', 1)} side by side)"
+        )
+    return lines
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    test = aggregate(results["rows"], "test")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, kind, title in ((axes[0], "with_data", "BatchNorm re-estimated"), (axes[1], "data_free", "data-free")):
+        for contender in ORDER:
+            variant = results["choices"].get(contender, {}).get(kind)
+            points = [(s, test.get((contender, variant, s))) for s in results["sparsities"]]
+            points = [(s, e) for s, e in points if e is not None]
+            if not points:
+                continue
+            xs = [100 * s for s, _ in points]
+            ax.errorbar(
+                xs,
+                [e["mean"] for _, e in points],
+                yerr=[e["std"] for _, e in points],
+                marker="o",
+                capsize=3,
+                label=f"{LABELS[contender]} [{variant}]",
+            )
+        ax.set_title(f"CIFAR-10 test top-1, pruned with no further training ({title})")
+        ax.set_xlabel("sparsity of the targeted weights (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("top-1 (%)")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_results(results: dict[str, Any], directory: Path) -> None:
+    rows = results.get("rows", [])
+    results["choices"] = choose_variants(rows)
+    results["winners"] = {kind: winners(results, kind) for kind in ("with_data", "data_free")}
+    base_dense = aggregate(rows, "test").get(("base", "dense", 0.0))
+    if base_dense and "base" in results:
+        results["base"]["top1"] = base_dense["mean"]
+    atomic_write_text(directory / "cifar10_v2.json", json.dumps(results, indent=2, default=str) + "\n")
+    base = results.get("base", {})
+    md = [
+        "# CIFAR-10 benchmark v2: pruning a trained model",
+        "",
+        f"Base: {base.get('model')} trained {base.get('epochs')} epochs, test top-1 {base.get('top1')} %. "
+        f"Fine-tuning budget: {results['finetune_epochs']} epochs (lr {results.get('finetune_lr')}), seeds "
+        f"{results['seeds']}. Cells: mean ± std over seeds, test top-1 (%). Variants chosen on the held-out split.",
+        "",
+        f"Command: `{results.get('command')}`",
+        "",
+        main_table(results),
+        "",
+        *winner_lines(results),
+        "",
+        "Cost:",
+        *cost_lines(results),
+        "",
+        "Every variant (test):",
+        "",
+        all_variants_table(results),
+        "",
+    ]
+    atomic_write_text(directory / "cifar10_v2.md", "\n".join(md))
+    if rows:
+        plot(results, directory / "cifar10_v2.png")

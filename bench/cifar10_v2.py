@@ -1,0 +1,381 @@
+"""Benchmark v2: prune a TRAINED model, with the same extra training budget for every contender, over seeds.
+
+    python bench/cifar10_v2.py                     # base (once, ~50 min), then every contender, 3 seeds
+    python bench/cifar10_v2.py --seeds 0           # one seed first (the rest later: finished runs are reused)
+    python bench/cifar10_v2.py --quick             # every stage on tiny data, in minutes
+    python bench/cifar10_v2.py --report_only       # tables and plot from the rows measured so far
+
+Stages (each reuses what a previous invocation finished, so the benchmark can be run in parts):
+
+1. base: one dense ResNet-18 trained plainly on CIFAR-10 (36 px, bf16 autocast, channels-last) until near
+   convergence, saved with ``save_pretrained`` under ``<workdir>/base`` (``--retrain`` trains it again).
+2. fine-tuning, ``--finetune_epochs`` (default 2) from the base through the recipe
+   (``--model local-dir:<base> --pretrained``), same optimizer, schedule, data and seed for every contender:
+   - ``plain``: plain fine-tuning; pruned afterwards by one-shot global magnitude;
+   - ``pof``: POF fine-tuning (global, nested sparsities); ONE model pruned at every sparsity;
+   - ``gmp``: gradual magnitude pruning to each target sparsity (Zhu & Gupta); one run per sparsity;
+3. zero-budget: ``base`` pruned one-shot with no training at all; ``wanda`` / ``sparsegpt`` (when registered) on
+   the plain fine-tuned models and on the base.
+4. evaluation at every sparsity with no further training: ``zero``, ``mean`` recovery, BatchNorm re-estimated on
+   10 training batches (``bn_recal``), and both; top-1 on the test split (reported) and on a held-out part of
+   train (choices: each contender's best variant is chosen there).
+5. cost: wall time of each run and the per-step time of each method against plain, interleaved in one process.
+
+Writes bench/results/cifar10_v2.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cifar10_eval import DataSpec, EvalJob, create_model, load_eval_tensors, run_eval_job, step_time_ratio  # noqa: E402
+from _cifar10_v2_report import atomic_write_text, write_results  # noqa: E402
+
+import timm_prune  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+FINETUNED = ("plain", "pof", "gmp")
+ONE_SHOT = ("wanda", "sparsegpt")
+CONTENDERS = FINETUNED + ("base",) + ONE_SHOT
+VARIANTS = ["zero", "mean", "bn_recal", "mean+bn_recal"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "cifar10"), help="CIFAR-10 (parquet)")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--img_size", type=int, default=36, help="36: ResNet-18's layer4 maps are 2x2, not 1x1")
+    p.add_argument("--base_epochs", type=int, default=20)
+    p.add_argument("--base_lr", type=float, default=0.1)
+    p.add_argument("--finetune_epochs", type=int, default=2)
+    p.add_argument("--finetune_lr", type=float, default=0.01)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9, 0.95, 0.98])
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    p.add_argument("--bn_batches", type=int, default=10)
+    p.add_argument("--val_samples", type=int, default=2000, help="held-out images used for choices")
+    p.add_argument("--validation_fraction", type=float, default=0.1, help="held-out part of train")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained / evaluated side by side")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast + channels-last")
+    p.add_argument("--workdir", default=str(ROOT / "bench" / "runs_v2"))
+    p.add_argument("--retrain", action="store_true", help="train the base and every run again")
+    p.add_argument("--report_only", action="store_true", help="write tables and plot from the measured rows")
+    p.add_argument("--max_train_samples", type=int, default=None)
+    p.add_argument("--max_eval_samples", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1 epoch, 1 seed, 2 sparsities")
+    p.add_argument("--results", default=str(RESULTS))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.base_epochs, args.finetune_epochs, args.seeds = 1, 1, [0]
+        args.max_train_samples, args.max_eval_samples, args.val_samples = 1024, 500, 300
+        args.sparsities = [0.5, 0.9]
+        args.workdir, args.results = args.workdir + "_quick", os.path.join(args.results, "quick")
+    if not os.path.isdir(args.data):
+        p.error(f"--data {args.data!r} is not a directory; point it at CIFAR-10 (e.g. ../shared/datasets/cifar10)")
+    if not all(0 < s < 1 for s in args.sparsities):
+        p.error("every --sparsities value must be in (0, 1)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def _recipe_flags(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    return {
+        "dataset": args.data,
+        "image_column": "img",
+        "label_column": "label",
+        "validation_split": "holdout",
+        "validation_fraction": args.validation_fraction,
+        "img_size": args.img_size,
+        "crop_pct": 1.0,
+        "hflip": 0.5,
+        "scale": [0.5, 1.0],
+        "color_jitter": 0.0,
+        "batch_size": args.batch_size,
+        "opt": "sgd",
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "sched": "cosine",
+        "seed": seed,
+        "bn_batches": args.bn_batches,
+        "channels_last": args.bf16,
+        "checkpointing_steps": "epoch",
+        "report_to": "jsonl",
+        "cpu": True,
+        "max_train_samples": args.max_train_samples,
+        "max_eval_samples": args.max_eval_samples,
+    }
+
+
+def base_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        **_recipe_flags(args, seed=0),
+        "model": args.model,
+        "method": "magnitude",
+        "sparsity": 0.0,  # nothing pruned: the saved model is the dense base
+        "epochs": args.base_epochs,
+        "lr": args.base_lr,
+        "warmup_epochs": 1,
+    }
+
+
+def pof_options(args: argparse.Namespace) -> dict[str, Any]:
+    # The recipe's CIFAR POF settings (bench/cifar10.py's ablation): global, nested sparsities, warm-up over
+    # half an epoch, candidates refreshed every 10 steps.
+    steps_per_epoch = int((args.max_train_samples or 50_000 * (1 - args.validation_fraction)) // args.batch_size)
+    return {
+        "scope": "global",
+        "penalty_sparsities": sorted(args.sparsities),
+        "penalty_warmup": max(1, steps_per_epoch // 2),
+        "threshold_refresh": 10,
+    }
+
+
+def finetune_specs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Run name -> (contender, seed, method flags) of every fine-tuning run."""
+    specs = {}
+    for seed in args.seeds:
+        if "plain" in args.contenders:
+            specs[f"plain-s{seed}"] = {"contender": "plain", "seed": seed, "method": "magnitude", "sparsity": 0.0}
+        if "pof" in args.contenders:
+            flags = {"method": "pof", "sparsity": max(s for s in args.sparsities if s <= 0.9), **pof_options(args)}
+            specs[f"pof-s{seed}"] = {"contender": "pof", "seed": seed, **flags}
+        if "gmp" in args.contenders:
+            for sparsity in args.sparsities:
+                specs[f"gmp{round(100 * sparsity)}-s{seed}"] = {
+                    "contender": "gmp",
+                    "seed": seed,
+                    "method": "gmp",
+                    "sparsity": sparsity,
+                    "scope": "global",
+                    "update_every": 10,
+                }
+    return specs
+
+
+def recipe_command(flags: dict[str, Any], output_dir: str) -> list[str]:
+    command = [sys.executable, str(ROOT / "recipes" / "train.py")]
+    for key, value in {**flags, "output_dir": output_dir}.items():
+        if value is None or key in ("contender",):
+            continue
+        if isinstance(value, list):
+            command += [f"--{key}", *[str(v) for v in value]] if key == "scale" else [f"--{key}", json.dumps(value)]
+        else:
+            command += [f"--{key}", str(value)]
+    return command
+
+
+def _train_one(job: tuple[list[str], str, int, bool]) -> tuple[str, float]:
+    command, log_path, threads, bf16 = job
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if bf16:
+        env["ACCELERATE_MIXED_PRECISION"] = "bf16"
+    started = time.time()
+    with open(log_path, "w") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if code != 0:
+        tail = Path(log_path).read_text()[-3000:]
+        raise RuntimeError(f"recipe run failed (exit {code}): {' '.join(command)}\n--- {log_path} (tail) ---\n{tail}")
+    return log_path, time.time() - started
+
+
+def _finished(run_dir: str) -> bool:
+    return os.path.exists(os.path.join(run_dir, "metrics.json"))
+
+
+def train_base(args: argparse.Namespace) -> dict[str, Any]:
+    out = os.path.join(args.workdir, "base")
+    if args.retrain or not _finished(out):
+        if args.retrain and os.path.isdir(out):
+            import shutil
+
+            shutil.rmtree(out)
+        os.makedirs(out, exist_ok=True)
+        print(f"[base] training {args.model} for {args.base_epochs} epochs into {out}", flush=True)
+        _train_one((recipe_command(base_flags(args), out), os.path.join(out, "train.log"), args.threads, args.bf16))
+    metrics = json.loads(Path(out, "metrics.json").read_text())
+    return {
+        "model": args.model,
+        "epochs": args.base_epochs,
+        "dir": os.path.relpath(out, ROOT),
+        "holdout_top1": round(100 * metrics["final"]["accuracy_dense"], 2),
+        "wall_time_s": metrics.get("wall_time_s"),
+    }
+
+
+def train_finetunes(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> None:
+    base = os.path.join(args.workdir, "base")
+    jobs = []
+    for name, spec in specs.items():
+        out = os.path.join(args.workdir, name)
+        if not args.retrain and _finished(out):
+            continue
+        os.makedirs(out, exist_ok=True)
+        flags = {
+            **_recipe_flags(args, spec["seed"]),
+            "model": f"local-dir:{base}",
+            "pretrained": True,
+            "epochs": args.finetune_epochs,
+            "lr": args.finetune_lr,
+            "warmup_epochs": 0,
+            **{k: v for k, v in spec.items() if k not in ("contender", "seed")},
+        }
+        jobs.append((recipe_command(flags, out), os.path.join(out, "train.log"), args.threads, args.bf16))
+    print(f"[finetune] {len(specs) - len(jobs)} runs reused, {len(jobs)} to train", flush=True)
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+        for log_path, took in pool.map(_train_one, jobs):
+            print(f"[finetune] {Path(log_path).parent.name}: {took / 60:.1f} min", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def eval_jobs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> list[tuple[dict[str, Any], EvalJob]]:
+    """(row labels, job) for every evaluation: finished fine-tuned runs, the base, and the one-shot methods."""
+    methods = set(timm_prune.list_methods())
+    out = []
+    for split in ("test", "val"):
+        limit = args.max_eval_samples if split == "test" else args.val_samples
+        data = DataSpec(args.data, args.img_size, args.validation_fraction, 0, args.batch_size, limit)
+        common = {"model": args.model, "model_kwargs": {}, "split": split, "data": data}
+        common.update(bn_batches=args.bn_batches, threads=args.threads, bf16=args.bf16)
+
+        def job(run: str, run_dir: str, method: str, options: dict, sparsities: list, variants: list, common=common):
+            scopes = [options.pop("scope", "global")]
+            return EvalJob(run, run_dir, method=method, options=options, scopes=scopes, sparsities=sparsities,
+                           variants=variants, **common)  # fmt: skip
+
+        base_dir = os.path.join(args.workdir, "base")
+        if "base" in args.contenders and _finished(base_dir):
+            labels = {"contender": "base", "seed": None}
+            out.append((labels, job("base", base_dir, "magnitude", {}, args.sparsities, VARIANTS)))
+        for name, spec in specs.items():
+            run_dir = os.path.join(args.workdir, name)
+            if not _finished(run_dir):
+                continue
+            labels = {"contender": spec["contender"], "seed": spec["seed"]}
+            options = {k: v for k, v in spec.items() if k not in ("contender", "seed", "method", "sparsity")}
+            if spec["contender"] == "gmp":
+                out.append((labels, job(name, run_dir, "gmp", options, [spec["sparsity"]], ["zero", "bn_recal"])))
+            elif spec["contender"] == "pof":
+                out.append((labels, job(name, run_dir, "pof", options, args.sparsities, VARIANTS)))
+            else:
+                out.append((labels, job(name, run_dir, "magnitude", {}, args.sparsities, VARIANTS)))
+        for method in ONE_SHOT:
+            if method in args.contenders and method not in methods:
+                print(f"[eval] {method}: not registered in timm_prune yet; skipped", flush=True)
+    return out
+
+
+def reuse_rows(args: argparse.Namespace, jobs: list[tuple[dict, EvalJob]]) -> tuple[list[dict], list[tuple]]:
+    path = Path(args.results) / "cifar10_v2.json"
+    if args.retrain or not path.exists():
+        return [], jobs
+    previous = json.loads(path.read_text()).get("rows", [])
+    index = {(r["run"], r["split"], r["sparsity"], r["variant"]): r for r in previous}
+    reused, todo = [], []
+    for labels, job in jobs:
+        keys = [(job.run, job.split, s, v) for s in job.sparsities for v in job.variants]
+        keys.append((job.run, job.split, 0.0, "dense"))
+        if all(key in index for key in keys):
+            reused.extend(index[key] for key in keys)
+        else:
+            todo.append((labels, job))
+    print(f"[eval] reusing {len(reused)} rows; {len(todo)} evaluation jobs to run", flush=True)
+    return reused, todo
+
+
+def _label_rows(labels: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for row in rows:
+        out.append({**labels, **row})
+    # One dense row per model and split: its accuracy before pruning (a GMP model is never dense).
+    if rows and labels["contender"] != "gmp":
+        first = rows[0]
+        out.append({**labels, **first, "sparsity": 0.0, "measured_sparsity": 0.0, "variant": "dense"})
+        out[-1]["top1"] = first["dense_top1"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- cost
+def cost(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-step time of POF and GMP against plain training on identical batches, interleaved in one process."""
+    torch.set_num_threads(args.threads)
+    model = create_model(args.model, {})
+    data = DataSpec(args.data, args.img_size, args.validation_fraction, 0, args.batch_size, 2 * args.batch_size)
+    _, (images, labels) = load_eval_tensors(data, model, "val")
+    batch = images[: args.batch_size], labels[: args.batch_size]
+    out = {}
+    pof = {k: v for k, v in pof_options(args).items()}
+    out["pof"] = step_time_ratio(args.model, {}, *batch, {"sparsity": 0.9, **pof}, steps=30)
+    out["gmp"] = step_time_ratio(args.model, {}, *batch, {"sparsity": 0.9, "update_every": 10}, steps=30, method="gmp")
+    for name, row in out.items():
+        print(f"[cost] step time {name} / plain: median x{row['step_time_ratio']:.3f}", flush=True)
+    return out
+
+
+def run_walltimes(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for name, spec in specs.items():
+        path = Path(args.workdir, name, "metrics.json")
+        if path.exists():
+            metrics = json.loads(path.read_text())
+            rows.append({"run": name, "contender": spec["contender"], "seed": spec["seed"], **_times(metrics)})
+    return rows
+
+
+def _times(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {"wall_time_s": metrics.get("wall_time_s"), "holdout_dense": metrics["final"].get("accuracy_dense")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.time()
+    specs = finetune_specs(args)
+    path = Path(args.results) / "cifar10_v2.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() and not args.retrain else {}
+    results.update(
+        dataset="cifar10",
+        finetune_epochs=args.finetune_epochs,
+        finetune_lr=args.finetune_lr,
+        img_size=args.img_size,
+        sparsities=args.sparsities,
+        seeds=args.seeds,
+        bf16=args.bf16,
+        jobs=args.jobs,
+        command="python bench/cifar10_v2.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    )
+    if not args.report_only:
+        results["base"] = train_base(args)
+        train_finetunes(args, specs)
+        jobs = eval_jobs(args, specs)
+        rows, todo = reuse_rows(args, jobs)
+        labels = [lab for lab, _ in todo]
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+            for lab, part in zip(labels, pool.map(run_eval_job, [job for _, job in todo]), strict=True):
+                rows.extend(_label_rows(lab, part))
+                results["rows"] = rows
+                atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")  # partial results
+        results["rows"] = rows
+        results["run_times"] = run_walltimes(args, specs)
+        if "cost" not in results or args.retrain:
+            results["cost"] = cost(args)
+    results["wall_time_min"] = round((time.time() - started) / 60, 1)
+    write_results(results, Path(args.results))
+    print(f"done in {results['wall_time_min']} min; results in {args.results}")
+
+
+if __name__ == "__main__":
+    main()
