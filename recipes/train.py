@@ -307,20 +307,20 @@ def finish(
     """Prune, evaluate every variant, check ranks agree, save (and push) from the main process."""
     accuracy = {"dense": evaluate(pm, eval_loader, accelerator)}
     structured = pm.pruner.structured
-    if structured and hasattr(pm.pruner, "train_gates"):
-        # Gate-based structured methods (AutoBot) choose channels on the trained model: gates train with the weights
-        # frozen, on the same un-sharded batches on every process, so every rank removes the same channels.
-        gate_batches = torch.utils.data.DataLoader(
-            bn_loader.dataset,
-            batch_size=pm.config.gate_batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(args.seed),
+    if pm.pruner.needs_calibration:
+        # Methods that prepare prune() on data (AutoBot trains its gates) do it on the trained model, on the same
+        # un-sharded batches on every process, so every rank prunes the same way.
+        batch_size = pm.pruner.calibration_batch_size or args.batch_size
+        calibration_batches = create_loader(
+            bn_loader.dataset, batch_size, True, 0, generator=torch.Generator().manual_seed(args.seed)
         )
-        gate_history = pm.pruner.train_gates(_repeat(gate_batches), num_batches=pm.config.num_batches)
-        accelerator.print(
-            f"gates: {len(gate_history['loss'])} steps, loss {gate_history['loss'][0]:.3f} -> "
-            f"{gate_history['loss'][-1]:.3f}, FLOPs ratio {gate_history['flops_ratio'][-1]:.3f}"
-        )
+        logs = pm.calibrate(_repeat(calibration_batches))
+        # Per-step series (AutoBot: loss, ce, flops_ratio, mean_gate) as first -> last; scalars as they are.
+        series = {k: v for k, v in logs.items() if isinstance(v, list) and v}
+        steps = max((len(v) for v in series.values()), default=0)
+        summary = [f"{k} {v[0]:.3f} -> {v[-1]:.3f}" for k, v in series.items()]
+        summary += [f"{k} {v}" for k, v in logs.items() if k not in series]
+        accelerator.print(f"calibration ({pm.config.method}): {steps} steps" + "".join(f", {s}" for s in summary))
     report = pm.prune()
     accuracy["pruned"] = evaluate(pm, eval_loader, accelerator)
     # Recovery fills masked entries; a structured method leaves none (its channels are gone).

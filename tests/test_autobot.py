@@ -11,7 +11,8 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm_prune
-from timm_prune.structured import StructuredReport, measure_flops
+from timm_prune import StructuredReport
+from timm_prune.structured.measure import measure_flops
 
 
 @pytest.fixture(autouse=True)
@@ -88,11 +89,11 @@ def test_train_prune_save_load(name: str, tmp_path) -> None:
     kwargs, size = ARCHS[name]
     pm = make(name, flops_target=0.5)
     before_channels = target_channels(pm)
-    history = pm.pruner.train_gates(batches(size=size), lr=0.5)
+    history = pm.calibrate(batches(size=size), lr=0.5)
     # Gates train: the loss goes down and the gates leave their initial value.
     assert history["loss"][-1] < history["loss"][0]
     assert (pm.pruner.gates() - 0.9).abs().max() > 0.05
-    counter = pm.pruner.__dict__["_counter"]
+    counter = pm.pruner.channel_graph.flops
     keep, _ = pm.pruner.plan()
     planned = counter.keep_flops(keep)
 
@@ -141,8 +142,8 @@ def test_train_prune_save_load(name: str, tmp_path) -> None:
 @pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet", "densenet121", "regnetx_002"])
 def test_flops_count_matches_flop_counter_mode(name: str) -> None:
     pm = make(name)
-    pm.pruner.train_gates(batches(1), num_batches=1)
-    counter = pm.pruner.__dict__["_counter"]
+    pm.calibrate(batches(1), num_batches=1)
+    counter = pm.pruner.channel_graph.flops
     x = batches(1)[0][0][:1]
     reference = FlopCounterMode(display=False)
     with torch.no_grad(), reference:
@@ -162,8 +163,8 @@ def test_vit_attention_flops_are_the_constant_rest() -> None:
     for module in pm.model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = False  # explicit q @ k^T and attn @ v, which FlopCounterMode counts
-    pm.pruner.train_gates(batches(1), num_batches=1)
-    counter = pm.pruner.__dict__["_counter"]
+    pm.calibrate(batches(1), num_batches=1)
+    counter = pm.pruner.channel_graph.flops
     blocks = pm.model.blocks
     tokens = pm.model.patch_embed.num_patches + pm.model.num_prefix_tokens
     dim = blocks[0].attn.num_heads * blocks[0].attn.head_dim
@@ -179,12 +180,12 @@ def test_vit_attention_flops_are_the_constant_rest() -> None:
 
 def test_unlabeled_batches_absolute_target_and_state_restored() -> None:
     pm = make("test_resnet", flops_target=0.5, latency_runs=0)
-    pm.pruner.train_gates(batches(1), num_batches=1)
-    dense = pm.pruner.__dict__["_counter"].dense
+    pm.calibrate(batches(1), num_batches=1)
+    dense = pm.pruner.channel_graph.flops.dense
     pm = make("test_resnet", flops_target=0.4 * dense / 1e6, latency_runs=0)  # absolute MFLOPs
     pm.model.train()
     weights = {k: v.clone() for k, v in pm.model.state_dict().items()}
-    history = pm.pruner.train_gates(batches(6, labeled=False), num_batches=4)
+    history = pm.calibrate(batches(6, labeled=False), num_batches=4)
     assert len(history["loss"]) == 4
     # Weights untouched, trainable again, training mode restored; only the gates moved.
     for k, v in pm.model.state_dict().items():
@@ -201,11 +202,11 @@ def test_unlabeled_batches_absolute_target_and_state_restored() -> None:
 
 def test_at_least_one_channel_per_group_and_target_too_low() -> None:
     pm = make("test_efficientnet", flops_target=0.05, latency_runs=0)
-    pm.pruner.train_gates(batches(2), num_batches=2)
+    pm.calibrate(batches(2), num_batches=2)
     with pytest.raises(ValueError, match="flops_target.*one channel per group"):
         pm.prune()
     pm = make("test_efficientnet", flops_target=0.2, latency_runs=0)
-    pm.pruner.train_gates(batches(2), num_batches=2)
+    pm.calibrate(batches(2), num_batches=2)
     report = pm.prune()
     assert min(row["kept"] for row in report.groups) >= 1
     assert report.flops_after <= report.target_flops
@@ -213,7 +214,7 @@ def test_at_least_one_channel_per_group_and_target_too_low() -> None:
 
 def test_prune_needs_trained_gates() -> None:
     pm = make("test_resnet")
-    with pytest.raises(RuntimeError, match="train_gates"):
+    with pytest.raises(RuntimeError, match="calibrate"):
         pm.prune()
 
 
@@ -233,17 +234,16 @@ def _model_state(model: nn.Module) -> tuple:
     ],
 )
 def test_failed_removal_leaves_the_model_unchanged(name: str, match: str, monkeypatch) -> None:
-    from timm_prune.methods import autobot
-    from timm_prune.structured_guard import StructuredPruneError
+    from timm_prune.structured import StructuredPruneError, graph
 
     # Without the trial removal, these models keep groups torch-pruning cannot remove: prune() must fail cleanly.
     monkeypatch.setattr(
-        autobot, "drop_unremovable_groups", lambda model, graph, groups, handlers, x: (groups, handlers, [])
+        graph, "drop_unremovable_groups", lambda model, graph, groups, handlers, x: (groups, handlers, [])
     )
     kwargs, size = ARCHS[name]
     pm = make(name, flops_target=0.5, latency_runs=0)
     x = batches(1, size=size)[0][0]
-    pm.pruner.train_gates(batches(2, size=size), num_batches=2)
+    pm.calibrate(batches(2, size=size), num_batches=2)
     pm.model.train()
     before = _model_state(pm.model)
     dense = pm.model.eval()(x)
@@ -261,7 +261,7 @@ def test_failed_removal_leaves_the_model_unchanged(name: str, match: str, monkey
     monkeypatch.undo()
     pm = make(name, flops_target=0.5, latency_runs=0)
     with pytest.warns(UserWarning, match="stay whole"):
-        pm.pruner.train_gates(batches(2, size=size), num_batches=2)
+        pm.calibrate(batches(2, size=size), num_batches=2)
     assert pm.prune().flops_after <= pm.last_report.target_flops
 
 
@@ -270,7 +270,7 @@ def test_group_search_is_bounded() -> None:
 
     import torch_pruning as tp
 
-    from timm_prune.structured_guard import GroupSearchOverflow, all_groups, bounded_group_search
+    from timm_prune.structured.groups import GroupSearchOverflow, all_groups, bounded_group_search
 
     model = timm.create_model("rexnet_100", num_classes=10).eval()
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 32, 32))
@@ -320,7 +320,7 @@ def test_gates_leave_no_trace_before_prune() -> None:
     pm = make("test_resnet")
     x = batches(1)[0][0]
     dense = pm(x)
-    pm.pruner.train_gates(batches(3), num_batches=3)
+    pm.calibrate(batches(3), num_batches=3)
     # Gate hooks are gone after training: the model computes exactly what it did.
     torch.testing.assert_close(pm(x), dense, rtol=0, atol=0)
     # A pruned model needs new gates before pruning again (the old ones describe the dense model).
@@ -333,7 +333,7 @@ def test_tampered_structure_is_a_file_format_error(tmp_path) -> None:
     from timm_prune.hub import FileFormatError
 
     pm = make("test_resnet", latency_runs=0)
-    pm.pruner.train_gates(batches(2), num_batches=2)
+    pm.calibrate(batches(2), num_batches=2)
     pm.prune()
     pm.save_pretrained(tmp_path)
     path = tmp_path / "pruning_config.json"
@@ -365,7 +365,7 @@ def test_swin_patch_merging_narrows_with_its_stage() -> None:
     name = "swin_tiny_patch4_window7_224"
     kwargs, size = ARCHS[name]
     pm = make(name, flops_target=0.4, latency_runs=0)
-    pm.pruner.train_gates(batches(4, size=size), num_batches=4)
+    pm.calibrate(batches(4, size=size), num_batches=4)
     # The stage streams that enter PatchMerging are groups (their 4C fold maps channel c to k * C + c) ...
     folded = [g for g in pm.pruner.groups if any(n.endswith("downsample.reduction") for n, _, _ in g.inputs)]
     assert len(folded) >= 2
@@ -382,14 +382,14 @@ def test_swin_patch_merging_narrows_with_its_stage() -> None:
 
 
 def test_torch_pruning_failing_midway_leaves_the_model_unchanged() -> None:
-    from timm_prune.structured_guard import StructuredPruneError
+    from timm_prune.structured import StructuredPruneError
 
     pm = make("test_convnext", flops_target=0.5, latency_runs=0)
     x = batches(1)[0][0]
-    pm.pruner.train_gates(batches(3), num_batches=3)
+    pm.calibrate(batches(3), num_batches=3)
     before = _model_state(pm.model)
     dense = pm(x)
-    graph = pm.pruner.__dict__["_graph"][0]
+    graph = pm.pruner.channel_graph.graph
     calls = {"n": 0}
     original = graph.get_pruning_group
 

@@ -16,7 +16,7 @@ def test_cli_info_and_eval_on_a_structured_save(tmp_path, capsys):
     model = timm.create_model("test_resnet", num_classes=10).eval()
     pm = timm_prune.convert(model, method="autobot", flops_target=0.5, input_size=[3, 16, 16], latency_runs=1)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
-    pm.pruner.train_gates([(x, y)] * 4, num_batches=4)
+    pm.calibrate([(x, y)] * 4, num_batches=4)
     report = pm.prune()
     path = str(tmp_path / "narrow")
     pm.save_pretrained(path)

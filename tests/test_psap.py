@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_prune
-from timm_prune import _psap_select as sel
-from timm_prune.structured import measure_flops
+from timm_prune.methods import psap_select as sel
+from timm_prune.structured.measure import measure_flops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def train(pm: timm_prune.PrunableModel, steps: int, lr: float = 0.01) -> list[di
 
 def filter_rows(pm: timm_prune.PrunableModel, group: int) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
     """(layer, output rows, filter index of each row) of every layer producing channels of ``group``."""
-    state = pm.pruner.__dict__["_graph"]
+    state = pm.pruner.channel_graph
     off, n = state.layout[group]
     out = []
     for name, index in state.out_maps.items():
@@ -89,7 +89,7 @@ def test_ratios_follow_group_sparsity_and_meet_the_target_exactly() -> None:
     pm = make(sparsity=0.5, prune_every=1, prune_steps=3, protect=None)
     x, _ = data()
     pm(x)  # the first forward builds the channel groups
-    state = pm.pruner.__dict__["_graph"]
+    state = pm.pruner.channel_graph
     sizes = [n for _, n in state.layout]
     # Make one mid-sized group much sparser: 70% of its filter weights set to exactly zero.
     sparse = max(range(len(sizes)), key=lambda g: (sizes[g] == 32, sizes[g]))
@@ -141,7 +141,7 @@ def _gradient_on_one_filter(protect: float | None) -> tuple[timm_prune.PrunableM
     pm.train()
     pm(x)  # builds the graph; no backward: no scores, so step 1 is magnitude only
     pm.on_step_end()
-    state = pm.pruner.__dict__["_graph"]
+    state = pm.pruner.channel_graph
     # The block-internal channels of layer1.0 (conv1 -> bn -> act -> conv2): conv2 is their only consumer.
     group = next(i for i, g in enumerate(state.groups) if g.root == "layer1.0.conv1")
     off, n = state.layout[group]
@@ -187,7 +187,7 @@ def test_train_prune_save_load(name: str, tmp_path: Path) -> None:
     dense_params = sum(p.numel() for p in pm.parameters())
     logs = [entry for entry in train(pm, 7) if entry]
     assert [entry["psap/prune_step"] for entry in logs] == [1, 2, 3]
-    total = pm.pruner.__dict__["_graph"].total
+    total = pm.pruner.channel_graph.total
     assert int(pm.pruner.pruned.sum()) == round(0.4 * total)
     x, _ = data(4, seed=5)
     pm.eval()
@@ -347,7 +347,7 @@ def test_recipe_runs_psap_end_to_end(tmp_path: Path) -> None:
 
 
 def test_failed_removal_leaves_the_soft_pruned_model_unchanged(monkeypatch) -> None:
-    import timm_prune.methods.psap as psap_module
+    import timm_prune.methods.structured_base as base_module
 
     pm = make(sparsity=0.5, prune_every=1, prune_steps=1)
     train(pm, 2)
@@ -356,13 +356,13 @@ def test_failed_removal_leaves_the_soft_pruned_model_unchanged(monkeypatch) -> N
     with torch.no_grad():
         before_out = pm(x)
     before_state = {k: v.clone() for k, v in pm.state_dict().items()}
-    real_remove = psap_module.remove_channels
+    real_remove = base_module.remove_channels
 
-    def remove_then_fail(state, keep):
-        real_remove(state, keep)  # every group already narrowed: the hardest case to undo
+    def remove_then_fail(state, keep, method):
+        real_remove(state, keep, method)  # every group already narrowed: the hardest case to undo
         raise RuntimeError("simulated failure after removal")
 
-    monkeypatch.setattr(psap_module, "remove_channels", remove_then_fail)
+    monkeypatch.setattr(base_module, "remove_channels", remove_then_fail)
     with pytest.raises(timm_prune.StructuredPruneError, match="simulated failure.*left unchanged"):
         pm.prune()
     after_state = pm.state_dict()
@@ -370,7 +370,7 @@ def test_failed_removal_leaves_the_soft_pruned_model_unchanged(monkeypatch) -> N
     assert all(torch.equal(after_state[k], v) for k, v in before_state.items())
     with torch.no_grad():
         torch.testing.assert_close(pm(x), before_out, rtol=0, atol=0)  # still soft-pruned through its gates
-    monkeypatch.setattr(psap_module, "remove_channels", real_remove)
+    monkeypatch.setattr(base_module, "remove_channels", real_remove)
     report = pm.prune()  # and it can still be pruned for real
     assert report.params_after < report.params_before
     with torch.no_grad():

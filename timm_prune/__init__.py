@@ -1,14 +1,12 @@
 """timm_prune: retrain-free pruning for timm models."""
 
+from ._version import __version__
 from .config import PruneConfig
-from .hub import FileFormatError, HubUnreachableError, from_pretrained, push_folder
-from .masking import LayerReport, PruneReport
+from .hub import FileFormatError, HubUnreachableError, push_folder
 from .methods import PruneMethod, list_methods, register_method
-from .model import PrunableModel, convert
-from .structured import StructuredReport
-from .structured_guard import StructuredPruneError
-
-__version__ = "0.1.0"
+from .model import PrunableModel, convert, from_pretrained
+from .reports import LayerReport, PruneReport, StructuredReport
+from .structured import StructuredPruneError
 
 __all__ = [
     "FileFormatError",

@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
-from ._hub_card import default_recovery
-from ._hub_files import RECOVERY_KINDS, FileFormatError, HubUnreachableError
+from .config import RECOVERY_KINDS
+from .hub import FileFormatError, HubUnreachableError, push_folder, read_pruning_info
+from .hub.card import default_recovery
+from .model import from_pretrained
 
 _DIGITS_TEST = 360  # the last 360 of scikit-learn's 1797 digits: a fixed, reproducible test split
 
@@ -78,8 +80,6 @@ def _parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------------ info
 def _info(args: argparse.Namespace) -> int:
-    from .hub import read_pruning_info
-
     pruning, timm_config, where = read_pruning_info(args.model, revision=args.revision)
     if args.json:
         print(json.dumps(pruning, indent=2))
@@ -140,8 +140,6 @@ def _pruned_summary(pm: Any) -> str:
 
 # ------------------------------------------------------------------------------------------------ eval
 def _eval(args: argparse.Namespace) -> int:
-    from .hub import from_pretrained
-
     pm = from_pretrained(args.model, recover=True, revision=args.revision)  # pm.recovery: the model's default
     kinds = args.recovery or list(dict.fromkeys(["none", pm.recovery]))
     if not pm.is_pruned and set(kinds) != {"none"}:
@@ -251,8 +249,6 @@ def _rows(data: Any, image_col: str, label_col: str) -> Iterator[tuple[Any, Any]
 
 # ------------------------------------------------------------------------------------------------ push
 def _push(args: argparse.Namespace) -> int:
-    from .hub import push_folder
-
     url = push_folder(
         args.directory,
         args.repo_id,

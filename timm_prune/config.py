@@ -14,10 +14,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .masking import RECOVERY_KINDS
-from .methods.registry import get_method, list_methods
+from .registry import get_method, list_methods
 
 SCOPES = ("layer", "global")
+# Data-free recoveries ``masking.recovery_statistics`` computes ("none" is the absence of one).
+RECOVERY_KINDS = ("mean", "layer_mean", "renorm")
 RECOVERIES = RECOVERY_KINDS + ("none",)
 CONFIG_SCHEMA_VERSION = 1
 
@@ -53,15 +54,19 @@ class PruneConfig:
             act as their mean), ``"layer_mean"`` (one mean per layer), ``"renorm"`` (rescale each unit's
             kept weights to its former norm) or ``"none"``.
         **method_options: fields of the chosen method (see its options dataclass).
+
+    Shared fields the method does not use (its ``PruneMethod.unused_fields``: AutoBot, which removes channels to
+    a FLOPs target, has no use for ``sparsity``, ``scope``, ``recovery`` or ``penalty_weight``) are validated,
+    then stored as ``None`` and left out of ``to_dict()``: a saved config names only what shaped the model.
     """
 
     method: str = "pof"
-    sparsity: float = 0.5
-    scope: str = "layer"
+    sparsity: float | None = 0.5
+    scope: str | None = "layer"
     target_modules: str | list[str] | None = None
     exclude_modules: str | list[str] | None = None
     penalty_weight: float | None = None
-    recovery: str = "mean"
+    recovery: str | None = "mean"
     method_options: Any = field(default=None, repr=True)
 
     def __init__(
@@ -105,6 +110,8 @@ class PruneConfig:
                 f"its fields are {sorted(known)} plus the shared ones {sorted(_shared_fields())}"
             )
         self.method_options = options_cls(**method_options)  # validates in __post_init__
+        for name in get_method(method).unused_fields:
+            setattr(self, name, None)
 
     def __getattr__(self, name: str) -> Any:
         # Only called when normal lookup fails: expose the method's fields as config attributes.
@@ -114,7 +121,8 @@ class PruneConfig:
         raise AttributeError(f"PruneConfig has no field {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in _shared_fields()}
+        unused = get_method(self.method).unused_fields
+        out = {name: getattr(self, name) for name in _shared_fields() if name not in unused}
         out.update(dataclasses.asdict(self.method_options))
         return out
 

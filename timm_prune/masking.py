@@ -1,4 +1,4 @@
-"""Thresholds, keep-masks, sparsity reports and data-free recovery statistics.
+"""Thresholds, keep-masks and data-free recovery statistics (the reports live in ``reports.py``).
 
 Everything here works one layer at a time. The global threshold in particular never concatenates the
 model's weights: it is an exact radix selection on the bit patterns of the (non-negative) scores,
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 
 import torch
+
+from .config import RECOVERY_KINDS
+from .reports import LayerReport, PruneReport  # noqa: F401  (re-exported: their historical home)
 
 # Bits of a float32 split between the two radix passes: 2**16 + 2**15 counters.
 _HIGH_SHIFT = 15
@@ -126,10 +128,6 @@ def _unit_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-# Data-free recoveries `recovery_statistics` computes ("none" is the absence of one).
-RECOVERY_KINDS = ("mean", "layer_mean", "renorm")
-
-
 def recovery_statistics(weight: torch.Tensor, keep: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-unit ``(mean, scale)`` of a data-free recovery, from the weight before pruning.
 
@@ -164,61 +162,6 @@ def all_recovery_statistics(weight: torch.Tensor, keep: torch.Tensor) -> dict[st
         "layer_mean": (zeros + pruned_sum.sum() / n_pruned.sum().clamp_min(1), ones),
         "renorm": (zeros, renorm),
     }
-
-
-@dataclass
-class LayerReport:
-    name: str
-    type: str
-    shape: list[int]
-    numel: int
-    sparsity: float
-    # Weight-standardising convs rescale their weight inside forward: stored zeros do not run as zeros.
-    weight_transformed: bool = False
-
-
-@dataclass
-class PruneReport:
-    """What ``prune()`` did: one row per targeted layer and the sparsity over all targeted weights."""
-
-    method: str
-    scope: str
-    target_sparsity: float
-    layers: list[LayerReport] = field(default_factory=list)
-
-    @property
-    def numel(self) -> int:
-        return sum(layer.numel for layer in self.layers)
-
-    @property
-    def num_zeros(self) -> int:
-        return sum(int(round(layer.sparsity * layer.numel)) for layer in self.layers)
-
-    @property
-    def sparsity(self) -> float:
-        return self.num_zeros / max(self.numel, 1)
-
-    def to_dict(self) -> dict:
-        return {
-            "method": self.method,
-            "scope": self.scope,
-            "target_sparsity": self.target_sparsity,
-            "sparsity": self.sparsity,
-            "numel": self.numel,
-            "layers": [asdict(layer) for layer in self.layers],
-        }
-
-    def __str__(self) -> str:
-        width = max([len(layer.name) for layer in self.layers] + [5])
-        lines = [f"{'layer':<{width}}  {'shape':<22} {'sparsity':>8}"]
-        for layer in self.layers:
-            flag = "  (weight transformed in forward)" if layer.weight_transformed else ""
-            lines.append(f"{layer.name:<{width}}  {str(layer.shape):<22} {layer.sparsity:>8.2%}{flag}")
-        lines.append(
-            f"{self.method} ({self.scope}): {self.sparsity:.2%} of {self.numel:,} targeted weights pruned "
-            f"(target {self.target_sparsity:.2%})"
-        )
-        return "\n".join(lines)
 
 
 def count_zeros(t: torch.Tensor) -> int:

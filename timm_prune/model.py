@@ -1,9 +1,15 @@
-"""``PrunableModel``: a timm model wrapped for pruning, and ``convert`` which builds it."""
+"""``PrunableModel``: a timm model wrapped for pruning; ``convert`` builds it, ``from_pretrained`` loads one.
+
+The wrapper is the only place where a method, the masks / recovery of unstructured pruning and the Hub files
+meet: methods are reached through their contract (``methods/base.py``), the Hub through plain data
+(``hub.SavedState``).
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,9 +17,12 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from . import hub
 from .config import RECOVERIES, PruneConfig
-from .masking import LayerReport, PruneReport, all_recovery_statistics, count_zeros
-from .methods.registry import get_method
+from .hub import FileFormatError, SavedState
+from .hub.files import PRUNING_CONFIG_NAME
+from .masking import all_recovery_statistics, count_zeros
+from .methods.base import split_batch
 from .parametrizations import (
     MaskedWeight,
     fold_weight,
@@ -22,6 +31,8 @@ from .parametrizations import (
     unmasked_weight,
     unparametrize_copy,
 )
+from .registry import get_method
+from .reports import LayerReport, PruneReport, Report
 from .targets import find_targets, weight_transformed_in_forward
 
 logger = logging.getLogger(__name__)
@@ -39,19 +50,19 @@ class PrunableModel(nn.Module):
         super().__init__()
         self.model = model
         self.config = config
-        self.pruner = get_method(config.method)(config)
-        # Structured methods rebuild the whole model, so they need it (a plain reference, not a child).
-        self.pruner.__dict__["root"] = model
+        self.pruner = get_method(config.method)(config, model)
         self.pruner.attach(targets)
         # Method state (SLR's copies of the weights, POF's step counter) is identical on every rank by
         # construction; DDP must not re-broadcast it from rank 0 on every forward.
         self._ddp_params_and_buffers_to_ignore = [f"pruner.{name}" for name, _ in self.pruner.named_buffers()]
-        self.last_report: PruneReport | None = None
+        self.last_report: Report | None = None
         self.recovery: str = "none"
         self._recovery_stats: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._hook_handles: dict[str, Any] = {}
         # Filled by training code (e.g. {"accuracy_dense": ..., "accuracy_pruned": ...}); saved with the model.
         self.metrics: dict[str, Any] = {}
+        # Hub id of the model this one was pruned from (model-card metadata); from_pretrained restores it.
+        self.base_model: str | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -98,10 +109,17 @@ class PrunableModel(nn.Module):
         (PSAP's pruning steps) act here. Returns what the method wants logged (usually nothing)."""
         return self.pruner.on_step_end(**logs)
 
+    def calibrate(self, batches: Iterable[Any], **kwargs: Any) -> dict[str, Any]:
+        """Data-driven preparation of ``prune()`` after training, for methods that need it
+        (``pm.pruner.needs_calibration``; AutoBot trains its gates here). ``batches``: input tensors,
+        ``(inputs, labels)`` pairs or dicts with ``"pixel_values"``. Returns what the method wants logged."""
+        return self.pruner.calibrate(batches, **kwargs)
+
     # ------------------------------------------------------------------ prune / recover
     @torch.no_grad()
-    def prune(self) -> PruneReport:
+    def prune(self) -> Report:
         """Zero the weights the method ranks lowest at ``config.sparsity`` / ``config.scope``; keep the masks.
+        Structured methods remove channels instead and return a ``StructuredReport``.
 
         Pruning again (e.g. after more training) recomputes the masks from the current weights.
         """
@@ -145,6 +163,13 @@ class PrunableModel(nn.Module):
         ``mean * (sum of the inputs over the receptive field)``, so the layer computes exactly the dense
         layer whose pruned entries hold ``mean`` (see ``masking.recovery_statistics``). ``"none"`` undoes it.
         """
+        if not self.pruner.supports_recovery:
+            if kind not in (None, "none"):
+                raise ValueError(
+                    f"recover(kind={kind!r}): method {self.config.method!r} removes channels, which leaves nothing to "
+                    "recover; only 'none' applies"
+                )
+            return
         kind = self.config.recovery if kind is None else kind
         if kind not in RECOVERIES:
             raise ValueError(f"recover(kind=...) must be one of {list(RECOVERIES)}; got {kind!r}")
@@ -209,7 +234,7 @@ class PrunableModel(nn.Module):
             for batch in batches:
                 if used >= num_batches:
                     break
-                self(_inputs_of(batch).to(device))
+                self(split_batch(batch)[0].to(device))
                 used += 1
         finally:
             for m, momentum in saved:
@@ -239,20 +264,33 @@ class PrunableModel(nn.Module):
             unparametrize_copy(module, weight)
         return merged
 
-    # ------------------------------------------------------------------ hub (implemented in hub.py)
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> str:
+    # ------------------------------------------------------------------ hub (files written by timm_prune.hub)
+    def saved_state(self) -> SavedState:
+        """What ``save_pretrained`` writes, as plain data (merged weights, masks, recovery, report, metrics)."""
+        # Structured methods narrowed the model itself: nothing to fold, but the narrowing is recorded.
+        return SavedState(
+            model=self.model if self.pruner.structured else self.merge_and_unload(),
+            config=self.config,
+            report=self.last_report.to_dict() if self.is_pruned else None,
+            recovery=self.recovery,
+            masks=self.masks if self.is_pruned else {},
+            recovery_stats=dict(self._recovery_stats),
+            metrics=dict(self.metrics),
+            structure=self.pruner.structure() if self.is_pruned else None,
+            base_model=self.base_model,
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> str:
         """Write config.json, weights, pruning_config.json, recovery tensors and a model card; see
         ``timm_prune.hub.save_pretrained`` for ``save_format="dense"|"compact"`` and the other options."""
-        from .hub import save_pretrained
-
-        return save_pretrained(self, save_directory, **kwargs)
+        return hub.save_pretrained(self.saved_state(), save_directory, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str | None:
         """Save and upload to the Hub in one commit; returns the commit URL (``None`` off the main process).
         See ``timm_prune.hub.push_to_hub`` for ``private``, ``revision``, ``commit_message``, ``save_format``."""
-        from .hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
+        if not hub.push.is_main_process():
+            return None  # before saved_state(): other ranks do not even merge
+        return hub.push_to_hub(self.saved_state(), repo_id, **kwargs)
 
 
 def convert(model: nn.Module, config: PruneConfig | None = None, **config_kwargs: Any) -> PrunableModel:
@@ -283,14 +321,72 @@ def _layer_type(module: nn.Module) -> type:
     return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
 
 
-def _inputs_of(batch: Any) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, dict):
-        for key in ("pixel_values", "image", "images", "x"):
-            if key in batch:
-                return batch[key]
-        raise ValueError(f"batch dict has no input key (pixel_values/image/images/x); keys: {sorted(batch)}")
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise ValueError(f"cannot find the input tensor in a batch of type {type(batch).__name__}")
+def from_pretrained(
+    model_id: str | os.PathLike,
+    recover: bool | str = True,
+    revision: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> PrunableModel:
+    """Load a model saved by ``save_pretrained`` / ``push_to_hub``, ready for inference (eval mode).
+
+    Args:
+        model_id: a local directory (optionally ``"local-dir:<path>"``), a Hub id ``"user/name"`` or
+            ``"hf-hub:user/name"``, optionally with ``@revision``.
+        recover: ``True``: the recovery active when the model was saved, else ``config.recovery``;
+            ``False``: none (the pruned weights as stock timm sees them); or a kind: ``"mean"``,
+            ``"layer_mean"``, ``"renorm"``, ``"none"``.
+        revision: branch, tag or commit on the Hub.
+
+    Raises:
+        FileFormatError: (a ValueError) a file is missing, truncated, a pickle, of an unknown schema
+            version or method, or does not match the architecture; the message names the file.
+        HubUnreachableError: (an OSError) the Hub could not be reached; the message names the repo.
+    """
+    source = hub.locate(model_id, revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+    state = hub.load_state(source, recover)
+    pm = convert(state.model, state.config)
+    if state.report is not None:
+        try:
+            report = pm.pruner.report_cls.from_dict(state.report)
+        except (KeyError, TypeError) as e:
+            kind = "structured " if state.structure is not None else ""
+            raise FileFormatError(PRUNING_CONFIG_NAME, f"malformed {kind}'report' ({e})") from None
+        if state.structure is not None:
+            pm.pruner.load_structure(state.structure)
+            pm.last_report = report
+        else:
+            _restore_masks(pm, report, state)
+            if state.recovery != "none":
+                pm.recover(state.recovery)
+    pm.metrics = dict(state.metrics)
+    pm.base_model = state.base_model
+    return pm.to(device).eval()
+
+
+@torch.no_grad()
+def _restore_masks(pm: PrunableModel, report: PruneReport, state: SavedState) -> None:
+    """Put masks, recovery statistics and the report back, as ``pm.prune()`` left them at save time."""
+    names = [row.name for row in report.layers]
+    if set(names) != set(pm.targets) or set(names) != set(state.masks):
+        extra, missing = sorted(set(names) - set(pm.targets)), sorted(set(pm.targets) - set(names))
+        raise FileFormatError(
+            PRUNING_CONFIG_NAME,
+            f"the report's layers do not match the layers the config targets (only in the report: {extra[:5]}, "
+            f"only targeted: {missing[:5]})",
+        )
+    for name in names:
+        module = pm.targets[name]
+        weight = unmasked_weight(module).detach()
+        keep = state.masks[name].to(weight.device)
+        mask = masked_weight(module)
+        if mask is None:
+            parametrize.register_parametrization(module, "weight", MaskedWeight(keep))
+        else:
+            mask.keep = keep.clone()
+        module.weight = weight * keep  # refit the method's originals through its right_inverse
+        pm._recovery_stats[name] = state.recovery_stats[name]
+    pm.last_report = report

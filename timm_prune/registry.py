@@ -1,11 +1,15 @@
-"""Name -> method class registry. A method registers itself with ``@register_method("name")``."""
+"""Name -> method class registry. A method registers itself with ``@register_method("name")``.
+
+It sits at the bottom of the package (it imports nothing of timm_prune at run time), so that ``PruneConfig``
+can look methods up without importing them: ``timm_prune.methods`` registers the built-in ones on import.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .base import PruneMethod
+    from .methods.base import PruneMethod
 
 _METHODS: dict[str, type[PruneMethod]] = {}
 

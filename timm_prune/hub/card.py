@@ -2,8 +2,8 @@
 
 The template is a Jinja file filled through huggingface_hub's ``ModelCard.from_template``; its YAML header
 comes from ``ModelCardData`` (library_name timm, tags, base_model, datasets, model-index when accuracies are
-known). The source of the template is ``hub_cards/model_card.md`` at the top of the repository; the package
-ships a copy in ``timm_prune/_cards/`` so that a non-editable install finds it (a test keeps them identical).
+known). The template is ``templates/model_card.md`` beside this module, its only copy (package data, so that
+editable installs and wheels read the same file; ``hub_cards/README.md`` at the top of the repository points here).
 """
 
 from __future__ import annotations
@@ -26,14 +26,8 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def template_path() -> str:
-    """The packaged template, else the repository's ``hub_cards/`` (an editable checkout without the copy)."""
-    packaged = Path(__file__).parent / "_cards" / _TEMPLATE
-    if packaged.is_file():
-        return str(packaged)
-    source = Path(__file__).resolve().parent.parent / "hub_cards" / _TEMPLATE
-    if source.is_file():
-        return str(source)
-    raise FileNotFoundError(f"model card template {_TEMPLATE} not found in {packaged.parent} or {source.parent}")
+    """The packaged model-card template."""
+    return str(Path(__file__).parent / "templates" / _TEMPLATE)
 
 
 def is_repo_id(value: Any) -> bool:
@@ -155,10 +149,10 @@ def render_card(
         architecture=architecture,
         base_model=base_model if is_repo_id(base_model) else None,
         method=config["method"],
-        scope=config["scope"],
+        scope=config.get("scope"),  # absent for methods that do not use it (structured ones)
         settings=settings,
         overall_sparsity=float(report.get("sparsity", 0.0)),
-        target_sparsity=float(report.get("target_sparsity", config["sparsity"])),
+        target_sparsity=float(report.get("target_sparsity", config.get("sparsity") or 0.0)),
         numel=int(report.get("numel", 0)),
         num_zeros=int(round(float(report.get("sparsity", 0.0)) * int(report.get("numel", 0)))),
         layers=report.get("layers", []),

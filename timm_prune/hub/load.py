@@ -1,20 +1,24 @@
-"""Loading a saved pruned model: locating it (local directory or Hub), reading and checking every file,
-rebuilding the timm model and putting the pruning state (masks, recovery statistics, report) back.
+"""Loading a saved pruned model: locating it (local directory or Hub), reading and checking every file, and
+rebuilding the timm model with its weights. Returns plain data (``SavedState``); ``timm_prune.from_pretrained``
+wraps it into a ``PrunableModel`` and puts the pruning state (masks, recovery, report) back.
 
-Only safetensors and JSON are read; pickle checkpoints are refused (see ``_hub_files``).
+Only safetensors and JSON are read; pickle checkpoints are refused (see ``files``).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch.nn.utils import parametrize
 
-from . import _hub_card as card
-from ._hub_files import (
+from ..config import RECOVERIES, PruneConfig
+from ..registry import list_methods
+from ..structured.record import apply_structure
+from . import card
+from .codec import decode_compact, decode_recovery
+from .files import (
     CONFIG_NAME,
     PRUNING_CONFIG_NAME,
     RECOVERY_KINDS,
@@ -23,21 +27,14 @@ from ._hub_files import (
     SCHEMA_VERSION,
     FileFormatError,
     HubUnreachableError,
-    decode_compact,
-    decode_recovery,
+    SavedState,
     is_pickle_name,
     read_json,
     read_tensors,
     refuse_pickles,
     state_dict_mismatch,
+    transport_errors,
 )
-from .config import PruneConfig
-from .masking import LayerReport, PruneReport
-from .methods.registry import list_methods
-from .parametrizations import MaskedWeight, masked_weight, unmasked_weight
-
-if TYPE_CHECKING:
-    from .model import PrunableModel
 
 
 @dataclass
@@ -156,16 +153,6 @@ def _refuse_remote_pickles(repo_id: str, revision: str | None, token: str | bool
     refuse_pickles(names, f"Hub repo {repo_id}")
 
 
-def transport_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module in ("httpx2", "httpx"):  # huggingface_hub's HTTP client (httpx2 since 1.x)
-        try:
-            errors.append(__import__(module).TransportError)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
-
-
 def read_pruning_config(directory: str) -> dict[str, Any]:
     pruning = read_json(os.path.join(directory, PRUNING_CONFIG_NAME))
     version = pruning.get("schema_version")
@@ -206,10 +193,19 @@ def read_timm_config(directory: str) -> dict[str, Any]:
     return config
 
 
-def load_directory(source: Source, recover: bool | str, device: str | torch.device) -> PrunableModel:
-    import timm
+def read_pruning_info(
+    model_id: str | os.PathLike, revision: str | None = None, **hub_kwargs: Any
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """``(pruning_config.json, config.json, where)`` of a saved model, without its weights (CLI ``info``)."""
+    source = locate(model_id, revision, weights=False, **hub_kwargs)
+    pruning = read_pruning_config(source.directory)
+    return pruning, read_timm_config(source.directory), source.where
 
-    from .model import convert
+
+def load_state(source: Source, recover: bool | str) -> SavedState:
+    """Every file of ``source`` read and checked: the timm model (narrowed if structured, weights loaded, on
+    CPU) and the pruning state; ``recovery`` is the kind ``recover`` resolves to."""
+    import timm
 
     directory = source.directory
     pruning = read_pruning_config(directory)
@@ -233,8 +229,6 @@ def load_directory(source: Source, recover: bool | str, device: str | torch.devi
     model = timm.create_model(f"local-dir:{directory}", pretrained=False)
     structure = pruning.get("structure")
     if structure is not None:  # a structured method narrowed the model: rebuild that before the weights load
-        from .structured import apply_structure
-
         try:
             apply_structure(model, structure)
         except (AttributeError, TypeError, ValueError, RuntimeError) as e:
@@ -248,22 +242,18 @@ def load_directory(source: Source, recover: bool | str, device: str | torch.devi
     if len(dtypes) == 1 and dtypes != {torch.float32}:
         model.to(dtypes.pop())  # keep a half-precision save in half precision
     model.load_state_dict(tensors, strict=True)
-    pm = convert(model, prune_config)
-    if structure is not None:
-        from .structured import StructuredReport
-
-        try:
-            pm.last_report = StructuredReport.from_dict(pruning["report"])
-        except (KeyError, TypeError) as e:
-            raise FileFormatError(PRUNING_CONFIG_NAME, f"malformed structured 'report' ({e})") from None
-        pm.pruner.__dict__["_structure"] = structure
-    elif pruning.get("report"):
-        _restore_pruning(pm, pruning, directory, compact_masks, weights_name)
-        if kind != "none":
-            pm.recover(kind)
-    pm.metrics = dict(pruning.get("metrics") or {})
-    pm._hub_base_model = pruning.get("base_model")
-    return pm.to(device).eval()
+    state = SavedState(
+        model=model,
+        config=prune_config,
+        report=pruning.get("report") or None,
+        recovery=kind,
+        metrics=dict(pruning.get("metrics") or {}),
+        structure=structure,
+        base_model=pruning.get("base_model"),
+    )
+    if structure is None and state.report is not None:
+        state.masks, state.recovery_stats = _read_masks(pruning, directory, tensors, compact_masks, weights_name)
+    return state
 
 
 def _resolve_recovery(pruning: dict[str, Any], recover: bool | str) -> str:
@@ -273,7 +263,7 @@ def _resolve_recovery(pruning: dict[str, Any], recover: bool | str) -> str:
         kind = card.default_recovery(pruning)
     elif recover is False or recover is None:
         kind = "none"
-    elif isinstance(recover, str) and recover in RECOVERY_KINDS + ("none",):
+    elif isinstance(recover, str) and recover in RECOVERIES:
         kind = recover
     else:
         raise ValueError(f"from_pretrained(recover=...) must be True, False or one of {list(RECOVERY_KINDS)}")
@@ -286,48 +276,30 @@ def _resolve_recovery(pruning: dict[str, Any], recover: bool | str) -> str:
     return kind
 
 
-@torch.no_grad()
-def _restore_pruning(
-    pm: PrunableModel,
+def _read_masks(
     pruning: dict[str, Any],
     directory: str,
+    tensors: dict[str, torch.Tensor],
     compact_masks: dict[str, torch.Tensor],
     weights_name: str,
-) -> None:
-    """Put masks, recovery statistics and the report back, as ``pm.prune()`` left them at save time."""
-    data = pruning["report"]
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+    """Keep-masks and recovery statistics of the report's layers, checked against the loaded weights."""
     try:
-        report = PruneReport(
-            data["method"], data["scope"], data["target_sparsity"], [LayerReport(**row) for row in data["layers"]]
-        )
+        names = [row["name"] for row in pruning["report"]["layers"]]
     except (KeyError, TypeError) as e:
         raise FileFormatError(PRUNING_CONFIG_NAME, f"malformed 'report' ({e})") from None
-    names = [row.name for row in report.layers]
-    if set(names) != set(pm.targets):
-        extra, missing = sorted(set(names) - set(pm.targets)), sorted(set(pm.targets) - set(names))
-        raise FileFormatError(
-            PRUNING_CONFIG_NAME,
-            f"the report's layers do not match the layers the config targets (only in the report: {extra[:5]}, "
-            f"only targeted: {missing[:5]})",
-        )
-    shapes = {name: tuple(unmasked_weight(pm.targets[name]).shape) for name in names}
+    # Layers the weights lack are left to the caller, which names them against the layers the config targets.
+    shapes = {name: tuple(tensors[f"{name}.weight"].shape) for name in names if f"{name}.weight" in tensors}
     recovery, _ = read_tensors(os.path.join(directory, RECOVERY_NAME))
     stats, packed_keeps = decode_recovery(recovery, shapes, pruning.get("recovery_kinds") or [], RECOVERY_NAME)
-    for name in names:
-        module = pm.targets[name]
-        weight = unmasked_weight(module).detach()
+    masks = {}
+    for name in shapes:
+        weight = tensors[f"{name}.weight"]
         keep = compact_masks.get(f"{name}.weight", packed_keeps.get(name))
         if keep is None:  # files written by other tools: the zero pattern is the mask
             keep = weight != 0
-        keep = keep.to(weight.device)
         outside = int((weight[~keep] != 0).sum())
         if outside:
             raise FileFormatError(weights_name, f"layer {name!r} has {outside} non-zero weights where it is pruned")
-        mask = masked_weight(module)
-        if mask is None:
-            parametrize.register_parametrization(module, "weight", MaskedWeight(keep))
-        else:
-            mask.keep = keep.clone()
-        module.weight = weight * keep  # refit the method's originals through its right_inverse
-        pm._recovery_stats[name] = stats[name]
-    pm.last_report = report
+        masks[name] = keep
+    return masks, stats

@@ -1,4 +1,4 @@
-"""Save, load and share pruned models: ``save_pretrained``, ``from_pretrained``, ``push_to_hub``.
+"""Writing a saved pruned model: every file computed and checked in memory, then moved into place at once.
 
 A saved model is a directory (or Hub repo) that three readers understand:
 
@@ -11,6 +11,9 @@ A saved model is a directory (or Hub repo) that three readers understand:
 
 ``save_format="compact"`` replaces ``model.safetensors`` by ``model_compact.safetensors`` (kept values + bit
 mask), which only timm_prune reads. Loading never unpickles: safetensors and JSON only.
+
+This module writes plain data (``SavedState``: a timm model, dicts and tensors); ``PrunableModel.save_pretrained``
+builds that state and calls it, so the hub package never imports the model wrapper.
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from . import _hub_card as card
-from ._hub_files import (
+from .._version import __version__
+from ..structured.record import apply_structure
+from . import card
+from .codec import encode_compact, encode_recovery
+from .files import (
     CARD_NAME,
     CONFIG_NAME,
     OWN_FILES,
@@ -37,21 +43,14 @@ from ._hub_files import (
     RECOVERY_NAME,
     SAVE_FORMATS,
     SCHEMA_VERSION,
-    FileFormatError,
-    HubUnreachableError,
-    encode_compact,
-    encode_recovery,
+    SavedState,
     state_dict_mismatch,
 )
-from ._hub_load import load_directory, locate, read_pruning_config, read_timm_config, transport_errors
-
-if TYPE_CHECKING:
-    from .model import PrunableModel
 
 
 # ================================================================================================ save
 def save_pretrained(
-    pm: PrunableModel,
+    state: SavedState,
     save_directory: str | os.PathLike,
     save_format: str = "dense",
     *,
@@ -60,7 +59,7 @@ def save_pretrained(
     repo_id: str | None = None,
     card_template: str | os.PathLike | None = None,
 ) -> str:
-    """Write ``pm`` to ``save_directory`` (files in the module docstring); returns the directory.
+    """Write ``state`` to ``save_directory`` (files in the module docstring); returns the directory.
 
     Everything is computed and checked in memory first, then written into a temporary directory beside the
     target and moved into place, so a failure leaves no half-written model behind.
@@ -73,12 +72,12 @@ def save_pretrained(
         model_args: extra ``timm.create_model`` arguments needed to rebuild the architecture, for
             changes timm's factory did not record (it records ``img_size``, ``in_chans`` and the like).
         repo_id: the Hub id used in the card's usage snippets (``push_to_hub`` passes it).
-        card_template: a Jinja model-card template replacing ``hub_cards/model_card.md``.
+        card_template: a Jinja model-card template replacing ``timm_prune/hub/templates/model_card.md``.
     """
     target = os.path.abspath(os.fspath(save_directory))
     if os.path.exists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"save_pretrained: {target} exists and is not a directory")
-    writers = _prepare(pm, save_format, base_model, model_args, repo_id or _placeholder_repo(target), card_template)
+    writers = _prepare(state, save_format, base_model, model_args, repo_id or _placeholder_repo(target), card_template)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=parent)
@@ -109,7 +108,7 @@ def _move_into_place(staging: str, target: str, names: set[str]) -> None:
 
 
 def _prepare(
-    pm: PrunableModel,
+    state: SavedState,
     save_format: str,
     base_model: str | None,
     model_args: dict[str, Any] | None,
@@ -119,24 +118,21 @@ def _prepare(
     """Everything save_pretrained writes, computed and validated; returns ``{filename: writer(path)}``."""
     if save_format not in SAVE_FORMATS:
         raise ValueError(f"save_format must be one of {sorted(SAVE_FORMATS)}; got {save_format!r}")
-    # Structured methods narrowed the model itself: nothing to fold, but the narrowing must be recorded.
-    structure = getattr(pm.pruner, "structure", lambda: None)() if pm.pruner.structured and pm.is_pruned else None
-    merged = pm.model if pm.pruner.structured else pm.merge_and_unload()  # only read below
+    merged = state.model  # only read below
     state_dict = _cpu_state_dict(merged)
     timm_config = _timm_config(merged, model_args)
-    _check_rebuild(timm_config, state_dict, structure)
+    _check_rebuild(timm_config, state_dict, state.structure)
 
-    masks = {name: keep.detach().cpu() for name, keep in pm.masks.items()} if pm.is_pruned else {}
+    masks = {name: keep.detach().cpu() for name, keep in state.masks.items()}
     for name, keep in masks.items():
         weight = state_dict[f"{name}.weight"]
         if bool((weight[~keep] != 0).any()):  # merge_and_unload guarantees this; a broken method would not
             raise RuntimeError(f"save_pretrained: layer {name!r} has non-zero weights outside its keep-mask")
-    stats = {name: pm._recovery_stats[name] for name in masks if name in pm._recovery_stats}
+    stats = {name: state.recovery_stats[name] for name in masks if name in state.recovery_stats}
     kinds = sorted({kind for by_kind in stats.values() for kind in by_kind if kind in RECOVERY_KINDS})
     cfg = getattr(merged, "pretrained_cfg", {}) or {}
     if base_model is None:
-        base_model = getattr(pm, "_hub_base_model", None) or cfg.get("hf_hub_id")
-    from . import __version__
+        base_model = state.base_model or cfg.get("hf_hub_id")
 
     pruning = {
         "schema_version": SCHEMA_VERSION,
@@ -146,14 +142,14 @@ def _prepare(
         "architecture": timm_config["architecture"],
         "save_format": save_format,
         "weights_file": SAVE_FORMATS[save_format],
-        "config": pm.config.to_dict(),
-        "report": pm.last_report.to_dict() if pm.is_pruned else None,
-        "recovery": pm.recovery if pm.is_pruned else "none",
+        "config": state.config.to_dict(),
+        "report": state.report,
+        "recovery": state.recovery if state.report is not None else "none",
         "recovery_kinds": kinds,
-        "metrics": _jsonable(dict(pm.metrics), "metrics"),
+        "metrics": _jsonable(dict(state.metrics), "metrics"),
     }
-    if structure is not None:
-        pruning["structure"] = _jsonable(structure, "structure")
+    if state.structure is not None:
+        pruning["structure"] = _jsonable(state.structure, "structure")
     pruning_text = json.dumps(pruning, indent=2, allow_nan=False) + "\n"
     config_text = json.dumps(timm_config, indent=2) + "\n"
     readme = card.render_card(
@@ -244,8 +240,6 @@ def _check_rebuild(
     try:
         rebuilt = _build_timm(config, "meta")  # shapes only: no memory, no init cost
         if structure is not None:
-            from .structured import apply_structure
-
             apply_structure(rebuilt, structure)
     except Exception as e:  # any timm factory failure means the config does not rebuild the model
         raise ValueError(
@@ -274,129 +268,3 @@ def _jsonable(value: Any, where: str) -> Any:
             raise ValueError(f"save_pretrained: {where} is {value}, which JSON cannot store")
         return value
     raise ValueError(f"save_pretrained: {where} has a {type(value).__name__}, which JSON cannot store")
-
-
-# ================================================================================================ load
-def from_pretrained(
-    model_id: str | os.PathLike,
-    recover: bool | str = True,
-    revision: str | None = None,
-    *,
-    device: str | torch.device = "cpu",
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-) -> PrunableModel:
-    """Load a model saved by ``save_pretrained`` / ``push_to_hub``, ready for inference (eval mode).
-
-    Args:
-        model_id: a local directory (optionally ``"local-dir:<path>"``), a Hub id ``"user/name"`` or
-            ``"hf-hub:user/name"``, optionally with ``@revision``.
-        recover: ``True``: the recovery active when the model was saved, else ``config.recovery``;
-            ``False``: none (the pruned weights as stock timm sees them); or a kind: ``"mean"``,
-            ``"layer_mean"``, ``"renorm"``, ``"none"``.
-        revision: branch, tag or commit on the Hub.
-
-    Raises:
-        FileFormatError: (a ValueError) a file is missing, truncated, a pickle, of an unknown schema
-            version or method, or does not match the architecture; the message names the file.
-        HubUnreachableError: (an OSError) the Hub could not be reached; the message names the repo.
-    """
-    source = locate(model_id, revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
-    return load_directory(source, recover, device)
-
-
-def read_pruning_info(
-    model_id: str | os.PathLike, revision: str | None = None, **hub_kwargs: Any
-) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """``(pruning_config.json, config.json, where)`` of a saved model, without its weights (CLI ``info``)."""
-    source = locate(model_id, revision, weights=False, **hub_kwargs)
-    pruning = read_pruning_config(source.directory)
-    return pruning, read_timm_config(source.directory), source.where
-
-
-# ================================================================================================ push
-def push_to_hub(
-    pm: PrunableModel,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    save_format: str = "dense",
-    token: str | bool | None = None,
-    **save_kwargs: Any,
-) -> str | None:
-    """Save ``pm`` and upload it to ``repo_id`` in one commit; returns the commit URL.
-
-    Runs on the main process only (Accelerate's ``PartialState``); other processes return ``None`` at once.
-    ``save_kwargs`` go to ``save_pretrained`` (``base_model``, ``model_args``, ``card_template``).
-    """
-    if not _is_main_process():
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = save_pretrained(pm, os.path.join(tmp, "model"), save_format, repo_id=repo_id, **save_kwargs)
-        if commit_message is None:
-            architecture = (getattr(pm.model, "pretrained_cfg", None) or {}).get("architecture", "model")
-            commit_message = f"Upload {architecture} pruned with timm_prune ({pm.config.method})"
-        return push_folder(
-            folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token
-        )
-
-
-def push_folder(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    token: str | bool | None = None,
-) -> str:
-    """Upload a directory written by ``save_pretrained`` (its timm_prune files only) in one commit."""
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-
-    folder = os.fspath(folder)
-    pruning = read_pruning_config(folder)  # refuse to publish something from_pretrained would reject
-    read_timm_config(folder)
-    present = [name for name in OWN_FILES if os.path.isfile(os.path.join(folder, name))]
-    for required in (pruning["weights_file"], CARD_NAME) + ((RECOVERY_NAME,) if pruning.get("report") else ()):
-        if required not in present:
-            raise FileFormatError(required, f"missing from {folder}; save the model again with save_pretrained")
-    api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        existing = set(api.list_repo_files(repo_id, revision=revision))
-        operations: list[Any] = [CommitOperationAdd(name, os.path.join(folder, name)) for name in present]
-        # A dense push must not leave an older compact file (or plot) behind, and vice versa.
-        operations += [CommitOperationDelete(name) for name in OWN_FILES if name in existing and name not in present]
-        info = api.create_commit(
-            repo_id,
-            operations=operations,
-            commit_message=commit_message or "Upload timm_prune model",
-            revision=revision,
-        )
-    except transport_errors() as e:  # HTTP errors (403, 404, ...) already name the repo: let them through
-        raise HubUnreachableError(repo_id, f"{type(e).__name__}: {e}") from e
-    return info.commit_url
-
-
-def _is_main_process() -> bool:
-    try:
-        from accelerate import PartialState
-    except ImportError:  # pragma: no cover - accelerate is a dependency
-        return True
-    return PartialState().is_main_process
-
-
-__all__ = [
-    "FileFormatError",
-    "HubUnreachableError",
-    "from_pretrained",
-    "push_folder",
-    "push_to_hub",
-    "read_pruning_info",
-    "save_pretrained",
-]

@@ -1,5 +1,6 @@
-"""Pruning methods, one module each, registered by name (see ``registry.py``)."""
+"""Pruning methods, one module each, registered by name (``timm_prune.registry``); ``base.py`` is the contract."""
 
+from ..registry import get_method, list_methods, register_method
 from . import (
     autobot,  # noqa: F401  (registers "autobot")
     magnitude,  # noqa: F401  (registers "magnitude")
@@ -8,6 +9,5 @@ from . import (
     slr,  # noqa: F401  (registers "slr")
 )
 from .base import PruneMethod
-from .registry import get_method, list_methods, register_method
 
 __all__ = ["PruneMethod", "get_method", "list_methods", "register_method"]

@@ -8,15 +8,15 @@ Our formulation (after the authors' public code, written anew):
   the classifier) stays whole, and so do the q/k/v outputs of attention modules (head counts never change).
   Each group is tried once on the model (one gate's channels removed, then restored): a group that torch-pruning
   does not remove consistently (Swin-V2-CR's window attention, GhostNet's cheap operations) stays whole, with a
-  warning. Patch merging (Swin) has its own rule (``timm_prune.structured_rules``).
+  warning. Patch merging (Swin) has its own rule (``timm_prune.structured.rules``).
 - Each group channel ``c`` has a gate ``g_c = sigmoid(alpha_c)``, ``alpha`` initialised so that ``g = gate_init``.
   The gate multiplies channel ``c`` at the input of every conv / linear that consumes it (which is exactly what
   removing it does to those layers).
-- ``train_gates(batches)``: weights frozen, model in eval mode, only ``alpha`` trains with Adam (``gate_lr``) on
-  ``loss = CE + beta * L_flops + gamma * L_bool`` where ``L_flops`` is ``(r - t) / (1 - t)`` above the target
-  ratio ``t`` and ``1 - r / t`` below it, ``r = F(g) / F_dense``, ``F(g)`` the FLOPs count
-  with every channel weighted by its gate (differentiable; exact for 0/1 gates), and ``L_bool`` the mean over
-  groups of each group's mean ``|g - round(g)|``. Labels come from the batches,
+- ``calibrate(batches)`` (the gate training): weights frozen, model in eval mode, only ``alpha`` trains with
+  Adam (``gate_lr``) on ``loss = CE + beta * L_flops + gamma * L_bool`` where ``L_flops`` is
+  ``(r - t) / (1 - t)`` above the target ratio ``t`` and ``1 - r / t`` below it, ``r = F(g) / F_dense``,
+  ``F(g)`` the FLOPs count with every channel weighted by its gate (differentiable; exact for 0/1 gates), and
+  ``L_bool`` the mean over groups of each group's mean ``|g - round(g)|``. Labels come from the batches,
   or, for unlabeled batches, from the dense model's own predictions. The gates with the lowest loss over the
   last 40% of steps are kept.
 - ``prune()``: channels are ranked by gate (ties by position) and one global threshold is bisected so that the
@@ -35,7 +35,6 @@ the input size used).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -44,37 +43,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..structured import (
-    GatedCounter,
-    StructuredReport,
-    build_groups,
-    count_params,
-    drop_unremovable_groups,
-    measure_flops,
-    measure_latency,
-    snapshot,
-    structure_diff,
-)
-from ..structured_guard import (
-    StructuredPruneError,
-    clear_attention_caches,
-    failing_module,
-    follow_parameter_shapes,
-    parameter_shapes,
-    remove_or_roll_back,
-    warn_if_off_plan,
-)
-from .base import PruneMethod, is_int, is_number
-from .registry import register_method
-
-# Selection gives back removed channels (highest gate first) until the FLOPs are within this fraction of the
-# target, trying at most this many channels.
-_REFILL_TOLERANCE = 0.005
-_MAX_REFILL = 512
+from ..registry import register_method
+from ..structured.gates import attach_gates, with_constant
+from ..structured.measure import refill
+from .base import is_int, is_number, split_batch
+from .structured_base import StructuredMethod, StructuredOptions, check_flops_target
 
 
 @dataclass
-class AutobotOptions:
+class AutobotOptions(StructuredOptions):
     """Fields of ``PruneConfig(method="autobot", ...)``; defaults follow the authors' code."""
 
     # Fraction of dense FLOPs to keep, in (0, 1); or absolute MFLOPs (2 x MACs per image) when > 1.
@@ -89,17 +66,10 @@ class AutobotOptions:
     gate_batch_size: int = 64
     # Initial gate value sigmoid(alpha), in (0, 1).
     gate_init: float = 0.9
-    # (C, H, W) used to trace the model and count FLOPs; None: the training batches' size, else pretrained_cfg.
-    input_size: list[int] | None = None
-    # Timed forward passes (batch 1, CPU) for the latency figures of the report; 0 skips the measurement.
-    latency_runs: int = 10
 
     def __post_init__(self) -> None:
-        t = self.flops_target
-        if not is_number(t) or t <= 0 or t == 1:
-            raise ValueError(
-                f"PruneConfig.flops_target must be a fraction in (0, 1) of the dense FLOPs or MFLOPs > 1; got {t!r}"
-            )
+        super().__post_init__()
+        check_flops_target(self.flops_target, optional=False)
         for name in ("beta", "gamma"):
             if not is_number(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"PruneConfig.{name} must be a number >= 0; got {getattr(self, name)!r}")
@@ -111,13 +81,6 @@ class AutobotOptions:
                 raise ValueError(f"PruneConfig.{name} must be an integer >= 1; got {value!r}")
         if not is_number(self.gate_init) or not 0 < self.gate_init < 1:
             raise ValueError(f"PruneConfig.gate_init must be in (0, 1); got {self.gate_init!r}")
-        if self.input_size is not None:
-            size = list(self.input_size)
-            if len(size) != 3 or not all(is_int(v) and v > 0 for v in size):
-                raise ValueError(f"PruneConfig.input_size must be None or [C, H, W] positive ints; got {size!r}")
-            self.input_size = size
-        if not is_int(self.latency_runs) or self.latency_runs < 0:
-            raise ValueError(f"PruneConfig.latency_runs must be an integer >= 0; got {self.latency_runs!r}")
 
 
 def flops_loss(ratio: torch.Tensor, target: float) -> torch.Tensor:
@@ -129,118 +92,50 @@ def flops_loss(ratio: torch.Tensor, target: float) -> torch.Tensor:
     return torch.where(ratio > target, (ratio - target) / (1 - target), 1 - ratio / target)
 
 
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, dict):
-        x = next((batch[k] for k in ("pixel_values", "image", "images", "x") if k in batch), None)
-        if x is None:
-            raise ValueError(f"batch dict has no input key (pixel_values/image/images/x); keys: {sorted(batch)}")
-        y = next((batch[k] for k in ("labels", "label", "targets", "y") if k in batch), None)
-        return x, y
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    raise ValueError(f"cannot find the input tensor in a batch of type {type(batch).__name__}")
-
-
 @register_method("autobot")
-class AutobotMethod(PruneMethod):
-    """AutoBot gates and selection (see the module docstring). Train with ``pm.pruner.train_gates(batches)``."""
+class AutobotMethod(StructuredMethod):
+    """AutoBot gates and selection (see the module docstring). Train the gates with ``pm.calibrate(batches)``."""
 
     options_cls = AutobotOptions
-    structured = True
+    # Removes channels to a FLOPs target: the filter share ``sparsity`` plays no part either.
+    unused_fields = ("sparsity",) + StructuredMethod.unused_fields
+    needs_calibration = True
+    trial_removal = True
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        # Gate logits; created once the dependency graph is known (first train_gates / prune).
+    def __init__(self, config: Any, model: nn.Module) -> None:
+        super().__init__(config, model)
+        # Gate logits; created once the dependency graph is known (first calibrate / prune).
         self.gate_logits: nn.Parameter | None = None
-        self.__dict__["_counter"] = None
-        self.__dict__["_graph"] = None
         self.history: dict[str, list[float]] = {}
+        self._trained = False
+        self._flat_gates: torch.Tensor | None = None  # what the gate hooks read while calibrating
 
     @property
-    def root(self) -> nn.Module:
-        return self.__dict__["root"]
+    def calibration_batch_size(self) -> int:
+        return self.config.gate_batch_size
 
-    # ------------------------------------------------------------------ set-up
-    def _example(self, batch: torch.Tensor | None) -> torch.Tensor:
-        device = next(self.root.parameters()).device
-        size = self.config.input_size
-        if size is None and batch is not None:
-            return batch[:1].detach().to(device)
-        if size is None:
-            cfg = getattr(self.root, "pretrained_cfg", None) or {}
-            size = list(cfg.get("input_size", (3, 224, 224)))
-        return torch.randn(1, *size, device=device)
-
-    def _ensure_graph(self, batch: torch.Tensor | None) -> GatedCounter:
-        counter = self.__dict__["_counter"]
-        if counter is not None:
-            return counter
-        example = self._example(batch)
-        was_training = self.root.training
-        self.root.eval()
-        try:
-            with torch.enable_grad():  # torch-pruning traces through autograd (prune() runs under no_grad)
-                graph, groups, handlers = build_groups(self.root, example, self.layers)
-                groups, handlers, dropped = drop_unremovable_groups(self.root, graph, groups, handlers, example)
-            if dropped:
-                warnings.warn(
-                    f"autobot: {len(dropped)} channel group(s) of {type(self.root).__name__} stay whole: torch-pruning "
-                    f"does not remove them consistently (rooted at {', '.join(dropped[:4])}"
-                    f"{', ...' if len(dropped) > 4 else ''})",
-                    stacklevel=3,
-                )
-            if not groups:
-                raise ValueError(
-                    f"autobot: no prunable channel group in {type(self.root).__name__} with these target_modules "
-                    "(every group touches a non-targeted layer such as the stem or the classifier, or has channel "
-                    "indices torch-pruning cannot map, such as GLU halves)"
-                )
-            counter = GatedCounter(self.root, groups, example)
-        finally:
-            self.root.train(was_training)
-        self.__dict__["_graph"] = (graph, handlers)
-        self.__dict__["_counter"] = counter
-        self.__dict__["_example_input"] = example
-        if self.gate_logits is None or self.gate_logits.numel() != counter.total:
+    def ensure_graph(self, batch: torch.Tensor | None = None):
+        state = super().ensure_graph(batch)
+        if self.gate_logits is None or self.gate_logits.numel() != state.total:
             init = math.log(self.config.gate_init / (1 - self.config.gate_init))
-            device = example.device
-            self.gate_logits = nn.Parameter(torch.full((counter.total,), init, device=device))
-        return counter
-
-    def target_flops(self, counter: GatedCounter) -> float:
-        t = self.config.flops_target
-        return t * counter.dense if t < 1 else t * 1e6
+            self.gate_logits = nn.Parameter(torch.full((state.total,), init, device=state.example.device))
+        return state
 
     def gates(self) -> torch.Tensor:
         """Current gate values (detached), flat over all groups in ``self.groups`` order."""
         if self.gate_logits is None:
-            raise RuntimeError("autobot: no gates yet; call train_gates(batches) first")
+            raise RuntimeError("autobot: no gates yet; call pm.calibrate(batches) first")
         return torch.sigmoid(self.gate_logits.detach())
 
-    @property
-    def groups(self) -> list:
-        counter = self.__dict__["_counter"]
-        return [] if counter is None else counter.groups
-
-    def penalty(self) -> torch.Tensor:
-        # AutoBot trains gates, not weights: nothing to add to a weight-training loss.
-        return torch.zeros((), device=next(self.root.parameters()).device)
-
-    def candidate_energy(self) -> dict[str, float]:
-        # Channels are chosen by the gates after weight training: there is no candidate set to report before.
-        return {}
-
     # ------------------------------------------------------------------ gate training
-    def train_gates(
+    def calibrate(
         self,
         batches: Iterable[Any],
         num_batches: int | None = None,
         lr: float | None = None,
         log_every: int = 0,
     ) -> dict[str, list[float]]:
-        """Train the gates on ``batches`` (tensors, ``(inputs, labels)`` or dicts) for ``num_batches`` steps.
+        """Train the gates on ``batches`` (see ``split_batch``) for ``num_batches`` steps (default: the config's).
 
         Weights stay frozen and the model stays in eval mode; returns (and keeps in ``self.history``) the
         per-step ``loss``, ``ce``, ``flops_ratio`` and ``mean_gate``.
@@ -248,16 +143,17 @@ class AutobotMethod(PruneMethod):
         num_batches = self.config.num_batches if num_batches is None else num_batches
         lr = self.config.gate_lr if lr is None else lr
         if num_batches < 1:
-            raise ValueError(f"train_gates(num_batches=...) must be >= 1; got {num_batches}")
-        model = self.root
-        device = next(model.parameters()).device
+            raise ValueError(f"calibrate(num_batches=...) must be >= 1; got {num_batches}")
+        model = self.model
+        device = self.device()
         iterator = iter(batches)
         try:
             first = next(iterator)
         except StopIteration:
-            raise ValueError("train_gates: `batches` yielded nothing") from None
-        counter = self._ensure_graph(_split_batch(first)[0])
-        target = self.target_flops(counter) / counter.dense
+            raise ValueError("autobot: calibrate(batches) yielded nothing") from None
+        state = self.ensure_graph(split_batch(first)[0])
+        counter = state.flops
+        target = self.target_flops() / counter.dense
         if not 0 < target < 1:
             raise ValueError(
                 f"autobot: flops_target {self.config.flops_target} is {target:.3f} x the dense FLOPs "
@@ -266,7 +162,7 @@ class AutobotMethod(PruneMethod):
         # Per gate, 1 / (its group's size x number of groups): the polarisation term is a mean over groups of
         # each group's mean |g - round(g)|, so that wide layers do not outweigh narrow ones.
         weights = torch.cat(
-            [torch.full((g.num_gates,), 1.0 / (g.num_gates * len(counter.groups))) for g in counter.groups]
+            [torch.full((g.num_gates,), 1.0 / (g.num_gates * len(state.groups))) for g in state.groups]
         ).to(device)
 
         def polarisation(gates: torch.Tensor) -> torch.Tensor:
@@ -282,20 +178,20 @@ class AutobotMethod(PruneMethod):
         # (loss, gate logits) of every step: the best of the last 40% of the steps actually taken is kept
         # (an iterable may run out before num_batches). Gates are small: one copy per step is cheap.
         snapshots: list[tuple[float, torch.Tensor]] = []
-        counter.attach()
+        handles = attach_gates(state.modules, state.maps, lambda: self._flat_gates, device)
         try:
             step, batch = 0, first
             while True:
-                x, y = _split_batch(batch)
+                x, y = split_batch(batch)
                 x = x.to(device)
                 if y is None:  # unlabeled: the dense model's predictions are the labels
                     with torch.no_grad():
-                        counter.gates = None
+                        self._flat_gates = None
                         y = model(x).argmax(-1)
                 y = y.to(device)
                 logits_now = self.gate_logits.detach().clone()
                 gates = torch.sigmoid(self.gate_logits)
-                counter.gates = gates
+                self._flat_gates = with_constant(gates)
                 ce = F.cross_entropy(model(x), y)
                 ratio = (counter.count(gates) + counter.rest) / counter.dense
                 loss = ce + self.config.beta * flops_loss(ratio, target) + self.config.gamma * polarisation(gates)
@@ -315,8 +211,9 @@ class AutobotMethod(PruneMethod):
                 except StopIteration:
                     break
         finally:
-            counter.gates = None
-            counter.detach()
+            self._flat_gates = None
+            for handle in handles:
+                handle.remove()
             for p, flag in frozen:
                 p.requires_grad_(flag)
             model.train(was_training)
@@ -325,25 +222,26 @@ class AutobotMethod(PruneMethod):
         with torch.no_grad():
             self.gate_logits.copy_(best)
         self.history = history
-        self.__dict__["_trained"] = True
+        self._trained = True
         return history
 
     # ------------------------------------------------------------------ selection
     def plan(self) -> tuple[torch.Tensor, float]:
         """Keep-mask over all group channels meeting the FLOPs target, and the gate threshold used."""
-        counter = self._ensure_graph(None)
-        if not self.__dict__.get("_trained"):
+        state = self.ensure_graph()
+        counter = state.flops
+        if not self._trained:
             # Untrained gates are all equal: the ranking would be the layer order, not a choice.
-            raise RuntimeError("autobot: the gates are untrained; call pm.pruner.train_gates(batches) before prune()")
+            raise RuntimeError("autobot: the gates are untrained; call pm.calibrate(batches) before prune()")
         logits = self.gate_logits.detach().cpu().double()
-        protected = torch.zeros(counter.total, dtype=torch.bool)
-        for g, off in zip(counter.groups, counter.offsets, strict=True):
-            protected[off + int(logits[off : off + g.num_gates].argmax())] = True  # >= 1 channel per group
+        protected = torch.zeros(state.total, dtype=torch.bool)
+        for off, n in state.layout:
+            protected[off + int(logits[off : off + n].argmax())] = True  # >= 1 channel per group
         order = [int(i) for i in torch.argsort(logits, stable=True) if not protected[i]]
-        target = self.target_flops(counter)
+        target = self.target_flops()
 
         def keep_for(k: int) -> torch.Tensor:  # prune the k lowest-ranked channels
-            keep = torch.ones(counter.total, dtype=torch.bool)
+            keep = torch.ones(state.total, dtype=torch.bool)
             keep[order[:k]] = False
             return keep
 
@@ -363,112 +261,15 @@ class AutobotMethod(PruneMethod):
         threshold = float(torch.sigmoid(logits[order[lo]])) if lo < len(order) else 1.0
         if lo == 0:
             threshold = float(torch.sigmoid(logits.min()))
-        keep = keep_for(lo)
-        # One threshold moves in whole channels, and one channel of an early, wide layer can be worth a few
-        # percent of the FLOPs. Fill the gap: give back the highest-gated removed channels that still fit,
-        # until the FLOPs are within refill_tolerance of the target (or max_refill channels were tried).
-        flops = counter.keep_flops(keep)
-        tried = 0
-        for i in reversed(order[:lo]):
-            if flops >= (1 - _REFILL_TOLERANCE) * target or tried >= _MAX_REFILL:
-                break
-            tried += 1
-            keep[i] = True
-            candidate = counter.keep_flops(keep)
-            if candidate <= target:
-                flops = candidate
-            else:
-                keep[i] = False
+        # Give back the highest-gated removed channels that still fit (one threshold moves in whole channels).
+        keep = refill(keep_for(lo), reversed(order[:lo]), counter.keep_flops, target)
         return keep, threshold
 
-    @torch.no_grad()
-    def prune_structured(self) -> StructuredReport:
-        counter = self._ensure_graph(None)
-        model = self.root
-        example = self.__dict__["_example_input"]
+    def plan_removal(self) -> tuple[torch.Tensor, dict[str, Any]]:
         keep, threshold = self.plan()
-        was_training = model.training
-        model.eval()
-        runs = self.config.latency_runs
-        params_before, flops_before = count_params(model), counter.dense
-        latency_before = measure_latency(model, example, runs) if runs else None
-        before = snapshot(model)
-        # Removal is transactional: any failure (torch-pruning raising, a layer narrowed other than planned,
-        # a pruned model that no longer runs) rolls the model back to exactly what it was, then raises.
-        rows, flops_after = remove_or_roll_back(
-            "autobot",
-            model,
-            self.__dict__["_graph"][0],  # the graph too: a retry uses it again
-            lambda: self._remove(counter, keep, example),
-            on_rollback=lambda: model.train(was_training),
-        )
-        planned = counter.keep_flops(keep)
-        warn_if_off_plan("autobot", model, flops_after, planned)
-        latency_after = measure_latency(model, example, runs) if runs else None
-        model.train(was_training)
-        self.__dict__["_structure"] = structure_diff(before, model)
-        # The graph and gates describe the dense model; a second prune() would need new ones.
-        self.__dict__["_counter"] = None
+        return keep, {"threshold": threshold}
+
+    def after_removal(self) -> None:
+        # The gates describe the dense model; a second prune() needs new ones (calibrate again).
         self.gate_logits = None
-        self.__dict__["_trained"] = False
-        return StructuredReport(
-            method=self.name,
-            flops_target=self.config.flops_target,
-            target_flops=self.target_flops(counter),
-            input_size=list(example.shape[1:]),
-            params_before=params_before,
-            params_after=count_params(model),
-            flops_before=flops_before,
-            flops_after=flops_after,
-            latency_ms_before=latency_before,
-            latency_ms_after=latency_after,
-            threshold=threshold,
-            groups=rows,
-            planned_flops=planned,
-        )
-
-    def _remove(
-        self, counter: GatedCounter, keep: torch.Tensor, example: torch.Tensor
-    ) -> tuple[list[dict[str, Any]], float]:
-        """Physically remove the channels ``keep`` drops; returns per-group rows and the measured FLOPs."""
-        model = self.root
-        graph, handlers = self.__dict__["_graph"]
-        shapes = parameter_shapes(model)
-        rows = []
-        for g, off, (root_module, handler) in zip(counter.groups, counter.offsets, handlers, strict=True):
-            group_keep = keep[off : off + g.num_gates].repeat(g.tied)  # root channel r has gate r % num_gates
-            drop = [int(i) for i in torch.nonzero(~group_keep).flatten()]
-            if drop:
-                graph.get_pruning_group(root_module, handler, drop).prune()
-            rows.append({"root": g.root, "channels": g.size, "kept": int(group_keep.sum())})
-        follow_parameter_shapes(model, shapes)
-        clear_attention_caches(model)
-        self._check_plan(counter, keep)
-        failure = failing_module(model, example)
-        if failure is not None:
-            where, kind, error = failure
-            raise StructuredPruneError(
-                f"autobot: the pruned {type(model).__name__} no longer runs: {where} fails with "
-                f"{type(error).__name__}: {error}. torch-pruning does not narrow {kind} consistently; leave its "
-                f"layers out with exclude_modules=[...]. The model was left unchanged."
-            ) from error
-        return rows, measure_flops(model, example)
-
-    def _check_plan(self, counter: GatedCounter, keep: torch.Tensor) -> None:
-        """Every layer must have exactly the planned channels: shape checks alone miss partial removals."""
-        modules = dict(self.root.named_modules())
-        for name, index in counter.out_maps.items():
-            flat_keep = torch.cat([keep, keep.new_ones(1)])
-            expected = int(flat_keep[index].sum())
-            module = modules[name]
-            n = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-            if n != expected:
-                raise StructuredPruneError(
-                    f"autobot: layer {name!r} has {n} output channels after pruning where the plan keeps {expected} "
-                    f"of {len(index)}; torch-pruning does not handle {type(module).__name__} here as planned. "
-                    "The model was left unchanged."
-                )
-
-    def structure(self) -> dict[str, Any] | None:
-        """The rebuild record of the last ``prune()`` (see ``timm_prune.structured.structure_diff``)."""
-        return self.__dict__.get("_structure")
+        self._trained = False

@@ -8,8 +8,8 @@ variant for variant.
 
 from __future__ import annotations
 
+from ..registry import register_method
 from .base import PruneMethod
-from .registry import register_method
 
 
 @register_method("magnitude")

@@ -18,13 +18,14 @@ Our formulation (the paper is known to us by its abstract only; every choice is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from ..registry import register_method
 from .base import PruneMethod, is_int, is_number
-from .registry import register_method
 
 _EPS = 1e-12
 
@@ -120,8 +121,8 @@ class PofMethod(PruneMethod):
     # recipe's ResNet-10t (70 %: pruned 98.3 % vs 50.8 % at weight 20, same dense accuracy). Issue 5 re-tunes it.
     default_penalty_weight = 300.0
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
+    def __init__(self, config: Any, model: nn.Module) -> None:
+        super().__init__(config, model)
         # Training calls of penalty() so far: a buffer so that checkpoints resume the warm-up and refresh.
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         # Whether the candidate buffers below hold a selection yet.

@@ -49,6 +49,7 @@ writes: the gate gradients are read from per-forward leaf tensors that no optimi
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -56,12 +57,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .. import _psap_select as sel
-from .._psap_graph import ChannelGraph, build_channel_graph, filter_stats, remove_channels
-from ..structured import StructuredReport, count_params, measure_flops, measure_latency, snapshot, structure_diff
-from ..structured_guard import remove_or_roll_back, warn_if_off_plan
-from .base import PruneMethod, is_int, is_number
-from .registry import register_method
+from ..registry import register_method
+from ..reports import StructuredReport
+from ..structured.gates import attach_gates, with_constant
+from ..structured.graph import ChannelGraph
+from . import psap_select as sel
+from .base import is_int, is_number
+from .structured_base import StructuredMethod, StructuredOptions, check_flops_target
 
 SCHEDULES = ("cubic", "linear")
 # Share of total_steps the schedule spans when prune_every is None (the rest trains the final structure).
@@ -69,7 +71,7 @@ _AUTO_SPAN = 0.75
 
 
 @dataclass
-class PsapOptions:
+class PsapOptions(StructuredOptions):
     """Fields of ``PruneConfig(method="psap", ...)``; ``sparsity`` is the fraction of prunable filters removed."""
 
     # Fraction in (0, 1) of the dense FLOPs to keep, or absolute MFLOPs when > 1; None: use ``sparsity``.
@@ -90,18 +92,10 @@ class PsapOptions:
     protect: float | None = 0.9
     # Optimizer steps before each pruning step whose gate gradients make the scores.
     score_steps: int = 50
-    # (C, H, W) to trace the model and count FLOPs; None: the first forward's input size, else pretrained_cfg.
-    input_size: list[int] | None = None
-    # Timed batch-1 CPU forwards for the report's latency figures; 0 skips them.
-    latency_runs: int = 10
 
     def __post_init__(self) -> None:
-        t = self.flops_target
-        if t is not None and (not is_number(t) or t <= 0 or t == 1):
-            raise ValueError(
-                f"PruneConfig.flops_target must be None, a fraction in (0, 1) of the dense FLOPs, or MFLOPs > 1; "
-                f"got {t!r}"
-            )
+        super().__post_init__()
+        check_flops_target(self.flops_target, optional=True)
         if self.prune_every is not None and (not is_int(self.prune_every) or self.prune_every < 1):
             raise ValueError(
                 f"PruneConfig.prune_every must be None (auto) or an integer >= 1; got {self.prune_every!r}"
@@ -121,13 +115,6 @@ class PsapOptions:
             self.protect = None
         if self.protect is not None and (not is_number(self.protect) or not 0 <= self.protect < 1):
             raise ValueError(f"PruneConfig.protect must be None (off) or a quantile in [0, 1); got {self.protect!r}")
-        if self.input_size is not None:
-            size = list(self.input_size)
-            if len(size) != 3 or not all(is_int(v) and v > 0 for v in size):
-                raise ValueError(f"PruneConfig.input_size must be None or [C, H, W] positive ints; got {size!r}")
-            self.input_size = size
-        if not is_int(self.latency_runs) or self.latency_runs < 0:
-            raise ValueError(f"PruneConfig.latency_runs must be an integer >= 0; got {self.latency_runs!r}")
 
 
 @dataclass
@@ -148,15 +135,42 @@ class PsapReport(StructuredReport):
         return "\n".join(lines)
 
 
+@torch.no_grad()
+def filter_stats(state: ChannelGraph, kept: torch.Tensor, zero_threshold: float) -> tuple[torch.Tensor, list[float]]:
+    """Per filter magnitude and per group sparsity of the ``kept`` filters (bool over all filters).
+
+    Magnitude: sum over the layers producing the filter of ``||row||^2 / mean ||row||^2`` of that layer (L2,
+    comparable across layers of different scale). Sparsity of a group: the share of its kept filters' weights with
+    ``|w| <= zero_threshold * rms``, ``rms`` over the kept filter weights of the same layer.
+    """
+    total = state.total
+    mag, near, numel = (torch.zeros(total + 1, dtype=torch.float64) for _ in range(3))
+    live_flat = torch.cat([kept.cpu(), torch.zeros(1, dtype=torch.bool)])  # ungrouped rows are not counted
+    for name, index in state.out_maps.items():
+        w = state.modules[name].weight.detach().float().flatten(1).cpu()
+        sq = w.square().sum(1).double()
+        mag.index_add_(0, index, sq / sq[index < total].mean().clamp_min(1e-30))
+        live = live_flat[index]
+        if bool(live.any()):
+            rms = math.sqrt(float(sq[live].sum()) / (int(live.sum()) * w.shape[1]))
+            near.index_add_(0, index, ((w.abs() <= zero_threshold * rms).sum(1) * live).double())
+            numel.index_add_(0, index, live.double() * w.shape[1])
+    sparsity = []
+    for off, n in state.layout:
+        denominator = float(numel[off : off + n].sum())
+        sparsity.append(float(near[off : off + n].sum()) / denominator if denominator > 0 else 0.0)
+    return mag[:total], sparsity
+
+
 @register_method("psap")
-class PsapMethod(PruneMethod):
+class PsapMethod(StructuredMethod):
     """PSAP (see the module docstring). Call ``pm.on_step_end(total_steps=...)`` after each optimizer step."""
 
     options_cls = PsapOptions
-    structured = True
+    report_cls = PsapReport
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
+    def __init__(self, config: Any, model: nn.Module) -> None:
+        super().__init__(config, model)
         if config.flops_target is None and config.sparsity > config.max_ratio:
             raise ValueError(
                 f"PruneConfig.sparsity {config.sparsity} is above PruneConfig.max_ratio {config.max_ratio}: no group "
@@ -169,147 +183,101 @@ class PsapMethod(PruneMethod):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("prune_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("restored_total", torch.zeros((), dtype=torch.long))
-        for key, value in (("_graph", None), ("_flat", None), ("_leaves", []), ("_building", False)):
-            self.__dict__[key] = value
-        self.__dict__["_any_pruned"] = False
-        self.__dict__["_every"] = config.prune_every
+        self._flat: torch.Tensor | None = None  # what the gate hooks read: keep flags and a constant 1
+        self._leaves: list[torch.Tensor] = []  # this step's gate leaves (their .grad is dL/dm)
+        self._building = False  # tracing runs the model: our own forward hook must stand aside
+        self._any_pruned: bool | None = False  # None: recompute from `pruned` (after a state-dict load)
+        self._every: int | None = config.prune_every
+        self._counters: tuple[int, int] | None = None  # host copies of (step, prune_step)
+        self._gate_handles: list[Any] = []
+        self._root_handle: Any = None
         self.last_logs: dict[str, float] = {}
         self.last_plan: dict[str, Any] = {}
 
-    @property
-    def root(self) -> nn.Module:
-        return self.__dict__["root"]
-
-    @property
-    def groups(self) -> list:
-        graph = self.__dict__["_graph"]
-        return [] if graph is None else graph.groups
-
     def attach(self, layers: dict[str, nn.Module]) -> None:
         super().attach(layers)
+        self._register_root_hook()
+
+    def _register_root_hook(self) -> None:
         # A closure, not a bound method: deep copies of the model share it instead of copying the method.
-        self.__dict__["_root_handle"] = self.root.register_forward_pre_hook(lambda m, args: self._on_forward(m, args))
-
-    def penalty(self) -> torch.Tensor:
-        return torch.zeros((), device=next(self.root.parameters()).device)
-
-    def candidate_energy(self) -> dict[str, float]:
-        return {}  # filters are chosen at the pruning steps; there is no weight-level candidate set
+        self._root_handle = self.model.register_forward_pre_hook(lambda m, args: self._on_forward(m, args))
 
     # ------------------------------------------------------------------ graph and gates
     def _on_forward(self, module: nn.Module, args: tuple) -> None:
-        if self.__dict__["_building"] or self.__dict__.get("_structure") is not None or not args:
+        if self._building or self._structure is not None or not args:
             return None
-        if self.__dict__["_graph"] is None:
-            self._build(args[0])
-        if self.__dict__["_any_pruned"] is None:  # after a state-dict load
-            self.__dict__["_any_pruned"] = bool(self.pruned.any())
+        if self._graph is None:
+            self.trace(args[0])
+        if self._any_pruned is None:  # after a state-dict load
+            self._any_pruned = bool(self.pruned.any())
         keep = (~self.pruned).float()
         if module.training and torch.is_grad_enabled() and self._recording():
             keep.requires_grad_(True)  # a fresh leaf per forward: its .grad is dL/dm (read in on_step_end)
-            leaves = self.__dict__["_leaves"]
-            leaves.append(keep)
-            del leaves[:-256]  # a loop that never calls on_step_end must not grow this without bound
-        elif not self.__dict__["_any_pruned"]:
-            self.__dict__["_flat"] = None
+            self._leaves.append(keep)
+            del self._leaves[:-256]  # a loop that never calls on_step_end must not grow this without bound
+        elif not self._any_pruned:
+            self._flat = None
             return None
-        self.__dict__["_flat"] = torch.cat([keep, keep.new_ones(1)])
+        self._flat = with_constant(keep)
         return None
 
     def _recording(self) -> bool:
-        counters = self.__dict__.get("_counters")
-        if counters is None:  # host copies of the step buffers: no device sync on every forward
-            counters = self.__dict__["_counters"] = (int(self.step), int(self.prune_step))
-        step, prune_step = counters
+        if self._counters is None:  # host copies of the step buffers: no device sync on every forward
+            self._counters = (int(self.step), int(self.prune_step))
+        step, prune_step = self._counters
         if self.config.protect is None or prune_step >= self.config.prune_steps:
             return False
-        every = self.__dict__["_every"]
+        every = self._every
         if every is None:
             return True
         # The forward belongs to optimizer step `step + 1`; pruning steps end at multiples of `every`.
         return step % every >= every - self.config.score_steps
 
-    def _example(self, batch: torch.Tensor | None) -> torch.Tensor:
-        device = next(self.root.parameters()).device
-        if batch is not None and self.config.input_size is None:
-            dtype = next(self.root.parameters()).dtype
-            with torch.inference_mode(False):  # no RNG draw: training stays reproducible
-                return batch[:1].detach().clone().to(device=device, dtype=dtype)
-        size = self.config.input_size
-        if size is None:
-            cfg = getattr(self.root, "pretrained_cfg", None) or {}
-            size = list(cfg.get("input_size", (3, 224, 224)))
-        return torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(device)
-
-    def _build(self, batch: torch.Tensor | None) -> ChannelGraph:
-        example = self._example(batch)
-        self.__dict__["_building"] = True  # tracing runs the model: our own forward hook must stand aside
+    def trace(self, batch: torch.Tensor | None = None) -> ChannelGraph:
+        self._building = True
         try:
-            state = build_channel_graph(self.root, example, self.layers)
+            state = super().trace(batch)
         finally:
-            self.__dict__["_building"] = False
+            self._building = False
         if self.config.flops_target is not None:  # fail at the first forward, not at the last pruning step
             caps = sel.group_caps([n for _, n in state.layout], self.config.max_ratio)
             floor = torch.zeros(state.total, dtype=torch.bool)
             for (off, _), cap in zip(state.layout, caps, strict=True):
                 floor[off : off + cap] = True
-            least, budget = state.counter.keep_flops(~floor), self.target_flops(state.counter.dense)
+            least, budget = state.flops.keep_flops(~floor), self.target_flops(state.flops.dense)
             if least > budget:
                 raise ValueError(
                     f"psap: PruneConfig.flops_target {self.config.flops_target} ({budget / 1e6:.3f} "
-                    f"MFLOPs) is below what max_ratio {self.config.max_ratio} allows in {type(self.root).__name__} "
+                    f"MFLOPs) is below what max_ratio {self.config.max_ratio} allows in {type(self.model).__name__} "
                     f"({least / 1e6:.3f} MFLOPs): raise flops_target or max_ratio"
                 )
-        self._register_gates(state, example.device)
+        self._gate_handles = attach_gates(state.modules, state.maps, lambda: self._flat, state.example.device)
         total = state.total
         if self.pruned.numel() == 0:
-            self.pruned = torch.zeros(total, dtype=torch.bool, device=example.device)
-            self.score_sum = torch.zeros(total, device=example.device)
+            self.pruned = torch.zeros(total, dtype=torch.bool, device=state.example.device)
+            self.score_sum = torch.zeros(total, device=state.example.device)
         elif self.pruned.numel() != total:
             raise RuntimeError(f"psap: the saved state has {self.pruned.numel()} filters where this model has {total}")
-        self.__dict__["_graph"] = state
-        self.__dict__["_any_pruned"] = None
+        self._any_pruned = None
         return state
-
-    def _register_gates(self, state: ChannelGraph, device: torch.device) -> None:
-        for name, index in state.in_maps.items():
-            hook = self._gate_hook(index.to(device))
-            state.handles.append(state.modules[name].register_forward_pre_hook(hook))
-
-    def _gate_hook(self, index: torch.Tensor):
-        def hook(module: nn.Module, args: tuple) -> tuple | None:
-            flat = self.__dict__["_flat"]
-            if flat is None or not args:
-                return None
-            x = args[0]
-            scale = flat[index if index.device == flat.device else index.to(flat.device)].to(x.dtype)
-            if isinstance(module, nn.Conv2d):
-                scale = scale.view(1, -1, 1, 1)
-            return (x * scale,) + tuple(args[1:])
-
-        return hook
-
-    def _ensure_graph(self) -> ChannelGraph:
-        graph = self.__dict__["_graph"]
-        return graph if graph is not None else self._build(None)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
         # Buffers are sized by the graph; a checkpoint may arrive before the first forward builds it.
         for name in ("pruned", "score_sum"):
             value = state_dict.get(prefix + name)
-            if value is not None and value.shape != getattr(self, name).shape and self.__dict__["_graph"] is None:
+            if value is not None and value.shape != getattr(self, name).shape and self._graph is None:
                 setattr(self, name, torch.empty_like(value, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
-        self.__dict__["_any_pruned"] = None
-        self.__dict__["_counters"] = None
+        self._any_pruned = None
+        self._counters = None
 
     # ------------------------------------------------------------------ schedule
     def on_step_end(self, total_steps: int | None = None, **logs: Any) -> dict[str, float]:
         """After each optimizer step: accumulate the gate-gradient scores; prune at the scheduled steps."""
-        if self.__dict__.get("_structure") is not None:
+        if self._structure is not None:
             return {}
         self.step += 1
-        leaves, self.__dict__["_leaves"] = self.__dict__["_leaves"], []
+        leaves, self._leaves = self._leaves, []
         grads = [leaf.grad for leaf in leaves if leaf.grad is not None]
         if grads and self.score_sum.numel() == grads[0].numel():
             g = torch.stack(grads).sum(0).float()
@@ -324,8 +292,8 @@ class PsapMethod(PruneMethod):
                     "number of optimizer steps; or set prune_every"
                 )
             every = max(1, int(_AUTO_SPAN * total_steps) // self.config.prune_steps)
-        self.__dict__["_every"] = every
-        self.__dict__["_counters"] = None
+        self._every = every
+        self._counters = None
         if int(self.prune_step) < self.config.prune_steps and int(self.step) % every == 0:
             return self.run_pruning_step()
         return {}
@@ -343,19 +311,13 @@ class PsapMethod(PruneMethod):
         return (total / self.score_count.clamp_min(1)).double().cpu()
 
     def filter_stats(self, kept: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-        """Per filter magnitude and per group sparsity of the ``kept`` filters (see ``_psap_graph.filter_stats``)."""
-        return filter_stats(self._ensure_graph(), kept, self.config.zero_threshold)
-
-    def target_flops(self, dense: float | None = None) -> float:
-        """The FLOPs budget of ``flops_target`` (2 x MACs per image at the traced input size)."""
-        t = self.config.flops_target
-        dense = self._ensure_graph().counter.dense if dense is None else dense
-        return t * dense if t < 1 else t * 1e6
+        """Per filter magnitude and per group sparsity of the ``kept`` filters (see ``filter_stats``)."""
+        return filter_stats(self.ensure_graph(), kept, self.config.zero_threshold)
 
     @torch.no_grad()
     def run_pruning_step(self, k: int | None = None) -> dict[str, float]:
         """Run pruning step ``k`` (default: the next one) of the schedule; returns its logs."""
-        state = self._ensure_graph()
+        state = self.ensure_graph()
         steps = self.config.prune_steps
         k = int(self.prune_step) + 1 if k is None else k
         phi = sel.schedule_fraction(k, steps, self.config.schedule)
@@ -374,23 +336,23 @@ class PsapMethod(PruneMethod):
             new = sel.select(counts, state.layout, magnitude, scores, protected)
             budget = None
         else:
-            dense = state.counter.dense
+            dense = state.flops.dense
             budget = dense - phi * (dense - self.target_flops())
             new = self._plan_flops(budget, sizes, caps, weights, magnitude, scores, protected)
         restored = int((pruned & ~new & protected).sum())
         self.pruned = new.to(self.pruned.device)
-        self.__dict__["_any_pruned"] = bool(new.any())
+        self._any_pruned = bool(new.any())
         self.score_sum.zero_()
         self.score_count.zero_()
         self.prune_step.fill_(k)
-        self.__dict__["_counters"] = None
+        self._counters = None
         self.restored_total += restored
-        flops = state.counter.keep_flops(~new)
+        flops = state.flops.keep_flops(~new)
         self.last_logs = {
             "psap/prune_step": float(k),
             "psap/target_fraction": phi,
             "psap/pruned_fraction": float(new.float().mean()),
-            "psap/flops_ratio": flops / state.counter.dense,
+            "psap/flops_ratio": flops / state.flops.dense,
             "psap/restored": float(restored),
             "psap/protected": float(protected.sum()),
             "psap/mean_group_sparsity": sum(sparsity) / len(sparsity),
@@ -406,10 +368,10 @@ class PsapMethod(PruneMethod):
         return dict(self.last_logs)
 
     def _plan_flops(self, budget, sizes, caps, weights, magnitude, scores, protected) -> torch.Tensor:
-        state = self._ensure_graph()
+        state = self.ensure_graph()
         try:
             return sel.plan_flops(
-                budget, sizes, caps, weights, state.layout, magnitude, scores, protected, state.counter.keep_flops
+                budget, sizes, caps, weights, state.layout, magnitude, scores, protected, state.flops.keep_flops
             )
         except ValueError as e:
             raise ValueError(
@@ -418,67 +380,35 @@ class PsapMethod(PruneMethod):
             ) from None
 
     # ------------------------------------------------------------------ hard pruning
-    @torch.no_grad()
-    def prune_structured(self) -> PsapReport:
-        if self.__dict__.get("_structure") is not None:
+    def plan_removal(self) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self._structure is not None:
             raise RuntimeError("psap: this model is already pruned (its channels are gone)")
-        state = self._ensure_graph()
+        state = self.ensure_graph()
         if int(self.prune_step) < self.config.prune_steps:
             warnings.warn(
                 f"psap: prune() after {int(self.prune_step)} of {self.config.prune_steps} pruning steps; the rest of "
                 "the schedule runs now in one step (train longer, or lower prune_every, to let it unfold)",
-                stacklevel=3,
+                stacklevel=4,
             )
             self.run_pruning_step(self.config.prune_steps)
-        model, example, runs = self.root, state.example, self.config.latency_runs
         keep = ~self.pruned.cpu()
-        was_training = model.training
-        model.eval()
-        for handle in state.handles:  # channel indices change below: the gates must go first
+        extra = {
+            "threshold": 0.0,
+            "filters_before": state.total,
+            "filters_after": int(keep.sum()),
+            "restored": int(self.restored_total),
+        }
+        return keep, extra
+
+    def detach_for_removal(self) -> None:
+        for handle in self._gate_handles:  # channel indices change below: the gates must go first
             handle.remove()
-        state.handles.clear()
-        self.__dict__["_root_handle"].remove()
-        self.__dict__["_flat"] = None
-        params_before, flops_before = count_params(model), state.counter.dense
-        latency_before = measure_latency(model, example, runs) if runs else None
-        before = snapshot(model)
+        self._gate_handles = []
+        self._root_handle.remove()
+        self._flat = None
 
-        def remove() -> tuple[list[dict[str, Any]], float]:
-            rows = remove_channels(state, keep)
-            return rows, measure_flops(model, example)
-
-        def reattach() -> None:  # a rolled-back model stays soft-pruned and trainable through its gates
-            self._register_gates(state, example.device)
-            self.__dict__["_root_handle"] = model.register_forward_pre_hook(lambda m, args: self._on_forward(m, args))
-            model.train(was_training)
-
-        # Transactional, as AutoBot's: any failure rolls the model back, gate hooks included, then raises.
-        rows, flops_after = remove_or_roll_back("psap", model, state.graph, remove, on_rollback=reattach)
-        planned = state.counter.keep_flops(keep)
-        warn_if_off_plan("psap", model, flops_after, planned)
-        latency_after = measure_latency(model, example, runs) if runs else None
-        model.train(was_training)
-        self.__dict__["_structure"] = structure_diff(before, model)
-        self.__dict__["_graph"] = None  # it describes the dense model
-        return PsapReport(
-            method=self.name,
-            flops_target=self.config.flops_target,
-            target_flops=flops_after if self.config.flops_target is None else self.target_flops(flops_before),
-            input_size=list(example.shape[1:]),
-            params_before=params_before,
-            params_after=count_params(model),
-            flops_before=flops_before,
-            flops_after=flops_after,
-            latency_ms_before=latency_before,
-            latency_ms_after=latency_after,
-            threshold=0.0,
-            groups=rows,
-            planned_flops=planned,
-            filters_before=state.total,
-            filters_after=int(keep.sum()),
-            restored=int(self.restored_total),
-        )
-
-    def structure(self) -> dict[str, Any] | None:
-        """The rebuild record of ``prune()`` (see ``timm_prune.structured.structure_diff``)."""
-        return self.__dict__.get("_structure")
+    def reattach_after_rollback(self) -> None:
+        # A rolled-back model stays soft-pruned and trainable through its gates.
+        state = self._graph
+        self._gate_handles = attach_gates(state.modules, state.maps, lambda: self._flat, state.example.device)
+        self._register_root_hook()

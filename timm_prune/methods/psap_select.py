@@ -2,7 +2,7 @@
 the protective rule and the within-group choice (see ``timm_prune.methods.psap`` for the formulation).
 
 Everything here works on flat per-filter tensors ("filter" = one channel of a channel group, i.e. one gate in
-``structured.ChannelGroup`` terms) plus the group layout ``(offset, num_filters)``; nothing reads a module.
+``structured.groups.ChannelGroup`` terms) plus the group layout ``(offset, num_filters)``; nothing reads a module.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable
 
 import torch
+
+from ..structured.measure import refill
 
 # Sparsity floor: a group with no near-zero weight still gets a (small) share, so the budget stays reachable.
 SPARSITY_FLOOR = 1e-3
@@ -156,16 +158,6 @@ def plan_flops(
         else:
             lo = mid
     pruned = pruned_for(hi)
-    current = flops(~pruned)
     candidates = torch.nonzero(pruned).flatten().tolist()
     candidates.sort(key=lambda i: (not bool(protected[i]), -float(magnitude[i])))
-    for tried, i in enumerate(candidates):
-        if current >= (1 - tolerance) * budget or tried >= max_refill:
-            break
-        pruned[i] = False
-        candidate = flops(~pruned)
-        if candidate <= budget:
-            current = candidate
-        else:
-            pruned[i] = True
-    return pruned
+    return ~refill(~pruned, candidates, flops, budget, tolerance, max_refill)

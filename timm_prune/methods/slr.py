@@ -56,8 +56,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..masking import global_keep_masks, layer_keep_mask
+from ..registry import register_method
 from .base import PruneMethod, is_number
-from .registry import register_method
 
 _TensorOf = Callable[[str], torch.Tensor]
 
@@ -176,8 +176,8 @@ class SlrMethod(PruneMethod):
 
     options_cls = SlrOptions
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
+    def __init__(self, config: Any, model: nn.Module) -> None:
+        super().__init__(config, model)
         # Keys are layer names with "." replaced by "/" (module names may not contain dots).
         self.slr = nn.ModuleDict()
         # Scalars as 0-dim buffers so checkpoints resume the schedule exactly.
@@ -185,7 +185,7 @@ class SlrMethod(PruneMethod):
         self.register_buffer("step_size", torch.tensor(float(config.initial_step), dtype=torch.float32))
         self.register_buffer("prev_loss", torch.tensor(float("nan"), dtype=torch.float32))
         self.register_buffer("epochs", torch.zeros((), dtype=torch.int64))
-        self.__dict__["sparsities"] = {}
+        self.sparsities: dict[str, float] = {}  # per layer, overrides resolved at attach
 
     # ------------------------------------------------------------------ setup
     def attach(self, layers: dict[str, nn.Module]) -> None:

@@ -1,20 +1,24 @@
-"""Safety around physical channel removal: an in-place backup that rolls a half-pruned model back, a bound on
-torch-pruning's channel-group search, derived attributes that must follow a pruned parameter, and locating the
-module where a pruned model stops running.
-
-Kept apart from ``structured.py`` (groups, FLOPs, rebuild record) so that each stays small.
+"""Physical channel removal, transactional: ``remove_channels`` narrows the model as planned and checks it (every
+layer has the planned channels, the model still runs); ``remove_or_roll_back`` restores the model exactly
+(``ModelBackup``) on any failure and raises ``StructuredPruneError``. Also: derived attributes that must follow a
+narrowed parameter, and locating the module where a pruned model stops running.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn as nn
+
+from .groups import ChannelGroup, channels
+from .measure import measure_flops
+
+if TYPE_CHECKING:
+    from .graph import ChannelGraph
 
 T = TypeVar("T")
 
@@ -126,80 +130,6 @@ def _copied_state(obj: Any) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v) for k, v in state.items()}
 
 
-class GroupSearchOverflow(StructuredPruneError):
-    """torch-pruning's search for one channel group did not settle; ``modules``: what it had reached."""
-
-    def __init__(self, message: str, modules: list[Any]) -> None:
-        super().__init__(message)
-        self.modules = modules
-
-
-@contextlib.contextmanager
-def bounded_group_search(num_nodes: int) -> Iterator[None]:
-    """Stop torch-pruning's channel-group search when one group grows far beyond the size of the graph.
-
-    The search revisits a layer whenever it arrives with other channel indices. Partial-channel residual adds
-    (ReXNet's ``x[:, :c] += shortcut``) map indices through slices that never settle, and the search runs for
-    hours. Real groups stay within a few entries per graph node (measured: at most 2.7 x the node count over
-    the tested timm families); past ``max(2000, 10 x nodes)`` entries ``GroupSearchOverflow`` is raised.
-    """
-    from torch_pruning.dependency import group as tp_group
-
-    limit = max(2000, 10 * num_nodes)
-    original = tp_group.Group.add_dep
-
-    def add_dep(self, dep, idxs):  # noqa: ANN001 - torch-pruning's own signature
-        if len(self._group) >= limit:
-            raise GroupSearchOverflow(
-                f"torch-pruning's channel-group search did not settle (a group passed {limit} dependencies); this "
-                "happens with residual adds over part of the channels (e.g. ReXNet's x[:, :c] += shortcut)",
-                [d.target.module for d, _ in self._group],
-            )
-        return original(self, dep, idxs)
-
-    tp_group.Group.add_dep = add_dep
-    try:
-        yield
-    finally:
-        tp_group.Group.add_dep = original
-
-
-def all_groups(graph: Any, ignored: list[nn.Module], root_types: tuple[type, ...]) -> tuple[list[Any], int]:
-    """torch-pruning's ``get_all_groups`` with a bounded search per group: ``(groups, number of unsettled)``.
-
-    A group whose search does not settle is left whole, and so is every layer it had reached (they would only
-    lead into the same search again); the rest of the model is still grouped.
-    """
-    ignored_set = set(ignored) | set(graph.IGNORED_LAYERS_IN_TRACING)
-    visited: set[Any] = set()
-    groups, unsettled = [], 0
-    for module in list(graph.module2node):
-        if module in ignored_set or module in visited or not isinstance(module, root_types):
-            continue
-        pruner = graph.get_pruner_of_module(module)
-        if pruner is None or pruner.get_out_channels(module) is None:
-            continue
-        try:
-            with bounded_group_search(len(graph.module2node)):
-                group = graph.get_pruning_group(
-                    module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module)))
-                )
-        except GroupSearchOverflow as overflow:
-            unsettled += 1
-            reached = [m for m in overflow.modules if isinstance(m, nn.Module)]
-            visited.update(reached)
-            ignored_set.update(reached)
-            continue
-        prunable = True
-        for dep, _ in group:
-            if graph.is_out_channel_pruning_fn(dep.handler):
-                visited.add(dep.target.module)
-                prunable = prunable and dep.target.module not in ignored_set
-        if prunable:
-            groups.append(group)
-    return groups, unsettled
-
-
 def follow_parameter_shapes(model: nn.Module, before: dict[str, tuple[int, ...]]) -> None:
     """Update ``shape`` attributes that mirror a parameter a removal narrowed (``before``: name -> old shape).
 
@@ -269,3 +199,91 @@ def clear_attention_caches(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(getattr(module, "attention_bias_cache", None), dict):
             module.attention_bias_cache = {}
+
+
+def remove_channels(state: ChannelGraph, keep: torch.Tensor, method: str) -> tuple[list[dict[str, Any]], float]:
+    """Physically remove the gates ``keep`` (bool over all gates) drops, then check the result.
+
+    Returns per-group rows ``{"root", "channels", "kept"}`` and the measured FLOPs of the pruned model. Raises
+    ``StructuredPruneError`` when a layer did not get the planned channels or the model no longer runs; run it
+    inside ``remove_or_roll_back`` so that such a failure leaves the model as it was.
+    """
+    model = state.model
+    shapes = parameter_shapes(model)
+    rows = []
+    for g, (off, n), (root_module, handler) in zip(state.groups, state.layout, state.handlers, strict=True):
+        group_keep = keep[off : off + n].repeat(g.tied)  # root channel r has gate r % num_gates
+        drop = [int(i) for i in torch.nonzero(~group_keep).flatten()]
+        if drop:
+            state.graph.get_pruning_group(root_module, handler, drop).prune()
+        rows.append({"root": g.root, "channels": g.size, "kept": int(group_keep.sum())})
+    follow_parameter_shapes(model, shapes)
+    clear_attention_caches(model)
+    check_plan(state, keep, method)
+    failure = failing_module(model, state.example)
+    if failure is not None:
+        where, kind, error = failure
+        raise StructuredPruneError(
+            f"{method}: the pruned {type(model).__name__} no longer runs: {where} fails with "
+            f"{type(error).__name__}: {error}. torch-pruning does not narrow {kind} consistently; leave its "
+            f"layers out with exclude_modules=[...]. The model was left unchanged."
+        ) from error
+    return rows, measure_flops(model, state.example)
+
+
+def check_plan(state: ChannelGraph, keep: torch.Tensor, method: str) -> None:
+    """Every producing layer must have exactly the planned channels: shape checks alone miss partial removals."""
+    flat = torch.cat([keep, keep.new_ones(1)])
+    for name, index in state.out_maps.items():
+        module = state.modules[name]
+        n = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        expected = int(flat[index].sum())
+        if n != expected:
+            raise StructuredPruneError(
+                f"{method}: layer {name!r} has {n} output channels after pruning where the plan keeps {expected} "
+                f"of {len(index)}; torch-pruning does not handle {type(module).__name__} here as planned. "
+                "The model was left unchanged."
+            )
+
+
+def drop_unremovable_groups(
+    model: nn.Module, graph: Any, groups: list[ChannelGroup], handlers: list[Any], example: torch.Tensor
+) -> tuple[list[ChannelGroup], list[Any], list[str]]:
+    """Keep only the groups whose removal torch-pruning carries out as the group says (a trial on the model).
+
+    Each group loses one gate's channels; the model must still run, and every Conv2d/Linear of the group must
+    lose exactly the channels its entries name. Where it fails (Swin-V2-CR's window attention, GhostNet's cheap
+    operations, layers narrowed partly), the group stays whole, found by one
+    trial of all groups and, only if that fails, one trial per group. The model is restored after each trial
+    (``ModelBackup``). Returns ``(groups, handlers, roots of the dropped groups)``.
+    """
+    modules = dict(model.named_modules())
+
+    def trial(indices: list[int]) -> bool:
+        backup = ModelBackup(model, graph)
+        try:
+            expected: dict[tuple[str, str], int] = {}
+            for i in indices:
+                g = groups[i]
+                dropped = set(range(g.num_gates - 1, g.size, g.num_gates))  # the last gate's channels
+                for side, entries in (("in", g.inputs), ("out", g.outputs)):
+                    for name, _, root in entries:
+                        key = (name, side)
+                        start = expected.get(key, channels(modules[name], side))
+                        expected[key] = start - sum(r in dropped for r in root)
+                root_module, handler = handlers[i]
+                graph.get_pruning_group(root_module, handler, sorted(dropped)).prune(record_history=False)
+            if any(channels(modules[name], side) != n for (name, side), n in expected.items()):
+                return False
+            return failing_module(model, example) is None
+        except Exception:  # noqa: BLE001 - torch-pruning raising is one more way a group is not removable
+            return False
+        finally:
+            backup.restore()
+
+    with torch.no_grad():
+        if not groups or trial(list(range(len(groups)))):
+            return groups, handlers, []
+        good = [i for i in range(len(groups)) if trial([i])]
+    dropped_roots = [g.root for i, g in enumerate(groups) if i not in set(good)]
+    return [groups[i] for i in good], [handlers[i] for i in good], dropped_roots
