@@ -1,7 +1,7 @@
 """Hub round trips: save_pretrained / from_pretrained / push_to_hub, the model card, the compact format,
-file safety and the ``timm-prune`` CLI. Nothing here reaches the real Hub: local directories, the offline
-switch, or ``tests/hub_server.py`` on 127.0.0.1 (driven from a subprocess, since huggingface_hub reads
-HF_ENDPOINT at import time)."""
+file safety and ``timm-prune push`` (the other CLI commands: test_cli.py). Nothing here reaches the real Hub:
+local directories, the offline switch, or ``tests/hub_server.py`` on 127.0.0.1 (driven from a subprocess, since
+huggingface_hub reads HF_ENDPOINT at import time)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_file
 
 import timm_prune
 from timm_prune import FileFormatError, HubUnreachableError
-from timm_prune.cli import main as cli_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -319,62 +318,6 @@ def test_push_off_the_main_process_does_nothing(monkeypatch):
     pm, _ = _make("cnn")
     monkeypatch.setattr("timm_prune.hub.push.is_main_process", lambda: False)
     assert pm.push_to_hub("tester/never") is None
-
-
-# ================================================================================================ CLI
-def test_cli_info(saved_cnn, capsys):
-    pm, _, path = saved_cnn
-    assert cli_main(["info", path]) == 0
-    out = capsys.readouterr().out
-    assert "test_resnet (7 classes)" in out and "method:        pof" in out
-    assert f"{pm.last_report.sparsity:.2%} of {pm.last_report.numel:,} targeted weights" in out
-    assert all(layer.name in out for layer in pm.last_report.layers)
-    assert cli_main(["info", path, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["config"] == pm.config.to_dict()
-    assert cli_main(["info", str(path) + "-missing"]) == 1
-    assert "error" in capsys.readouterr().err
-
-
-def _digits(split: slice, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images[split], dtype=torch.float32)[:, None] / 16.0
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return (x.repeat(1, 3, 1, 1) - 0.5) / 0.5, torch.tensor(d.target[split])
-
-
-def test_cli_eval_digits(tmp_path, capsys):
-    # Nearest class centroid on random-conv features: a classifier without training whose pruned and
-    # recovered variants predict differently, so the counts below tell the two apart.
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=10).eval()
-    x_train, y_train = _digits(slice(0, -360), 16)
-    with torch.no_grad():
-        feats = model.forward_head(model.forward_features(x_train), pre_logits=True)
-        centroids = torch.stack([feats[y_train == c].mean(0) for c in range(10)])
-        model.fc.weight.copy_(centroids)
-        model.fc.bias.copy_(-0.5 * centroids.square().sum(1))
-    pm = timm_prune.convert(model, sparsity=0.1)
-    pm.prune()
-    pm.recover("mean")
-    path = str(tmp_path / "digits")
-    pm.save_pretrained(path)
-
-    x_test, y_test = _digits(slice(-360, None), 16)
-    with torch.no_grad():
-        expected = {"mean": int((pm.eval()(x_test).argmax(1) == y_test).sum())}
-        expected["none"] = int((pm.merge_and_unload().eval()(x_test).argmax(1) == y_test).sum())
-    assert expected["none"] != expected["mean"]
-
-    args = ["eval", path, "--dataset", "digits", "--image-size", "16"]
-    assert cli_main(args + ["--json"]) == 0
-    results = {r["recovery"]: r for r in json.loads(capsys.readouterr().out)["results"]}
-    assert {k: r["correct"] for k, r in results.items()} == expected
-    assert all(r["total"] == 360 for r in results.values())
-    assert cli_main(args) == 0
-    out = capsys.readouterr().out
-    assert "360 images at 16x16" in out and f"{expected['none']}/360" in out and f"{expected['mean']}/360" in out
 
 
 # ================================================================================================ Hub

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from .config import RECOVERY_KINDS
+from .data import load_eval_tensors
 from .hub import FileFormatError, HubUnreachableError, push_folder, read_pruning_info
 from .hub.card import default_recovery
 from .model import from_pretrained
-
-_DIGITS_TEST = 360  # the last 360 of scikit-learn's 1797 digits: a fixed, reproducible test split
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +145,7 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = pm.model.pretrained_cfg
     mean, std = cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
     in_chans = getattr(pm.model, "in_chans", None) or cfg.get("input_size", (3,))[0]
-    images, labels, name = _load_eval_data(args.dataset, args.split, size, in_chans, mean, std, args.limit)
+    images, labels, name = load_eval_tensors(args.dataset, args.split, size, in_chans, mean, std, args.limit)
     results = []
     for kind in kinds:
         pm.recover(kind)
@@ -181,70 +178,6 @@ def _count_correct(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
         logits = model(images[start : start + batch_size])
         correct += int((logits.argmax(-1) == labels[start : start + batch_size]).sum())
     return correct
-
-
-def _normalize(x: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:
-    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
-
-
-def _load_eval_data(
-    dataset: str, split: str, size: int, in_chans: int, mean: Any, std: Any, limit: int | None
-) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """``(normalised images N x C x size x size, labels, display name)``."""
-    if dataset == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        x = torch.tensor(digits.images, dtype=torch.float32) / 16.0
-        y = torch.tensor(digits.target, dtype=torch.int64)
-        if split == "test":
-            x, y = x[-_DIGITS_TEST:], y[-_DIGITS_TEST:]
-        elif split == "train":
-            x, y = x[:-_DIGITS_TEST], y[:-_DIGITS_TEST]
-        elif split != "all":
-            raise ValueError(f"--split for digits is 'train', 'test' or 'all'; got {split!r}")
-        if limit is not None:
-            x, y = x[:limit], y[:limit]
-        x = torch.nn.functional.interpolate(x[:, None], size=(size, size), mode="bilinear", align_corners=False)
-        x = x.expand(-1, in_chans, -1, -1)
-        return _normalize(x, mean, std), y, "digits (scikit-learn load_digits)"
-    return _load_hf_dataset(dataset, split, size, in_chans, mean, std, limit)
-
-
-def _load_hf_dataset(
-    dataset: str, split: str, size: int, in_chans: int, mean: Any, std: Any, limit: int | None
-) -> tuple[torch.Tensor, torch.Tensor, str]:
-    import datasets
-    from torchvision.transforms import functional as TF
-
-    try:
-        data = datasets.load_dataset(dataset, split=split)
-    except ValueError as e:  # unknown split: datasets names the available ones
-        raise ValueError(f"cannot load split {split!r} of {dataset!r}: {e}") from e
-    features = data.features
-    image_col = next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
-    label_col = next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
-    label_col = label_col or next((k for k in ("label", "labels", "fine_label") if k in features), None)
-    if image_col is None or label_col is None:
-        raise ValueError(f"dataset {dataset!r} needs an Image column and a label column; it has {sorted(features)}")
-    if limit is not None:
-        data = data.select(range(min(limit, len(data))))
-    mode = {1: "L", 3: "RGB"}.get(in_chans, "RGB")
-    images, labels = [], []
-    for row in _rows(data, image_col, label_col):
-        image = row[0].convert(mode).resize((size, size))
-        images.append(TF.to_tensor(image))
-        labels.append(int(row[1]))
-    x = torch.stack(images)
-    name = os.path.basename(os.path.normpath(dataset)) if os.path.isdir(dataset) else dataset
-    return _normalize(x, mean[: x.shape[1]], std[: x.shape[1]]), torch.tensor(labels), name
-
-
-def _rows(data: Any, image_col: str, label_col: str) -> Iterator[tuple[Any, Any]]:
-    for row in data:
-        yield row[image_col], row[label_col]
 
 
 # ------------------------------------------------------------------------------------------------ push

@@ -17,7 +17,7 @@ from timm_prune.structured.measure import measure_flops
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # Tiny tensors on 2 shared cores: one intra-op thread is much faster (see test_slr.py).
+    # Tiny tensors on 2 shared cores: one intra-op thread is much faster (see test_method_slr.py).
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
