@@ -104,12 +104,22 @@ def winners(results: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     return out
 
 
+def contenders_in_order(results: dict[str, Any]) -> list[str]:
+    """The fixed contenders first, then POF variants (``pof_*``) by name."""
+    present = set(results.get("choices", {}))
+    return [c for c in ORDER if c in present] + sorted(present - set(ORDER))
+
+
+def label(contender: str) -> str:
+    return LABELS.get(contender, f"POF FT variant {contender}")
+
+
 def main_table(results: dict[str, Any]) -> str:
     test = aggregate(results["rows"], "test")
     sparsities = results["sparsities"]
     head = "| contender | variant | dense | " + " | ".join(f"{100 * s:.0f} %" for s in sparsities) + " |"
     lines = [head, "|---|---|---:|" + "---:|" * len(sparsities)]
-    for contender in ORDER:
+    for contender in contenders_in_order(results):
         chosen = results["choices"].get(contender)
         if not chosen:
             continue
@@ -117,7 +127,7 @@ def main_table(results: dict[str, Any]) -> str:
         variants = sorted(set(chosen.values()), key=lambda v: (v not in DATA_FREE, v))
         for variant in variants:
             cells = [_cell(test.get((contender, variant, s))) for s in sparsities]
-            lines.append(f"| {LABELS[contender]} | {variant} | {_cell(dense)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label(contender)} | {variant} | {_cell(dense)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -126,7 +136,7 @@ def all_variants_table(results: dict[str, Any]) -> str:
     sparsities = results["sparsities"]
     lines = ["| contender | variant | " + " | ".join(f"{100 * s:.0f} %" for s in sparsities) + " |"]
     lines.append("|---|---|" + "---:|" * len(sparsities))
-    for contender in ORDER:
+    for contender in contenders_in_order(results):
         for variant in DATA_FREE + WITH_DATA:
             cells = [test.get((contender, variant, s)) for s in sparsities]
             if any(cells):
@@ -175,7 +185,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     test = aggregate(results["rows"], "test")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, kind, title in ((axes[0], "with_data", "BatchNorm re-estimated"), (axes[1], "data_free", "data-free")):
-        for contender in ORDER:
+        for contender in contenders_in_order(results):
             variant = results["choices"].get(contender, {}).get(kind)
             points = [(s, test.get((contender, variant, s))) for s in results["sparsities"]]
             points = [(s, e) for s, e in points if e is not None]
@@ -188,7 +198,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 yerr=[e["std"] for _, e in points],
                 marker="o",
                 capsize=3,
-                label=f"{LABELS[contender]} [{variant}]",
+                label=f"{label(contender)} [{variant}]",
             )
         ax.set_title(f"CIFAR-10 test top-1, pruned with no further training ({title})")
         ax.set_xlabel("sparsity of the targeted weights (%)")

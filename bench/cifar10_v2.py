@@ -66,6 +66,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9, 0.95, 0.98])
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    p.add_argument(
+        "--gmp_sparsities", type=float, nargs="+", default=None, help="GMP runs (one per sparsity); default: all"
+    )
+    p.add_argument(
+        "--pof_variants",
+        nargs="*",
+        default=[],
+        metavar="NAME=JSON",
+        help="extra POF contenders, e.g. pof_pf='{\"pruned_forward\": 0.5}' (options over the pof contender's)",
+    )
     p.add_argument("--bn_batches", type=int, default=10)
     p.add_argument("--val_samples", type=int, default=2000, help="held-out images used for choices")
     p.add_argument("--validation_fraction", type=float, default=0.1, help="held-out part of train")
@@ -89,6 +99,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--data {args.data!r} is not a directory; point it at CIFAR-10 (e.g. ../shared/datasets/cifar10)")
     if not all(0 < s < 1 for s in args.sparsities):
         p.error("every --sparsities value must be in (0, 1)")
+    variants = {}
+    for item in args.pof_variants:
+        name, _, options = item.partition("=")
+        try:
+            variants[name] = json.loads(options)
+        except json.JSONDecodeError as e:
+            p.error(f"--pof_variants {item!r}: NAME=JSON with a JSON object of POF options ({e})")
+        if not name.startswith("pof_") or not isinstance(variants[name], dict):
+            p.error(f"--pof_variants {item!r}: the name must start with 'pof_' and the options be a JSON object")
+    args.pof_variants = variants
+    args.gmp_sparsities = args.gmp_sparsities or args.sparsities
     return args
 
 
@@ -154,8 +175,10 @@ def finetune_specs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if "pof" in args.contenders:
             flags = {"method": "pof", "sparsity": max(s for s in args.sparsities if s <= 0.9), **pof_options(args)}
             specs[f"pof-s{seed}"] = {"contender": "pof", "seed": seed, **flags}
+            for name, options in args.pof_variants.items():
+                specs[f"{name}-s{seed}"] = {"contender": name, "seed": seed, **flags, **options}
         if "gmp" in args.contenders:
-            for sparsity in args.sparsities:
+            for sparsity in args.gmp_sparsities:
                 specs[f"gmp{round(100 * sparsity)}-s{seed}"] = {
                     "contender": "gmp",
                     "seed": seed,
@@ -269,7 +292,7 @@ def eval_jobs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> lis
             options = {k: v for k, v in spec.items() if k not in ("contender", "seed", "method", "sparsity")}
             if spec["contender"] == "gmp":
                 out.append((labels, job(name, run_dir, "gmp", options, [spec["sparsity"]], ["zero", "bn_recal"])))
-            elif spec["contender"] == "pof":
+            elif spec["method"] == "pof":
                 out.append((labels, job(name, run_dir, "pof", options, args.sparsities, VARIANTS)))
             else:
                 out.append((labels, job(name, run_dir, "magnitude", {}, args.sparsities, VARIANTS)))
