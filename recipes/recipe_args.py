@@ -29,7 +29,16 @@ from timm_prune.methods import get_method
 METHOD_RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {"pof": {"threshold_refresh": 10}}
 
 # PruneConfig fields shared by all methods, with their flags below.
-SHARED_PRUNE_FIELDS = ("method", "sparsity", "scope", "target_modules", "exclude_modules", "penalty_weight", "recovery")
+SHARED_PRUNE_FIELDS = (
+    "method",
+    "sparsity",
+    "scope",
+    "target_modules",
+    "exclude_modules",
+    "penalty_weight",
+    "recovery",
+    "pattern",
+)
 
 
 def str2bool(value: str | bool) -> bool:
@@ -130,19 +139,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor_pipeline_max_gb", type=float, default=4.0, help=argparse.SUPPRESS)
     g = p.add_argument_group("pruning (method fields of every registered method are flags too)")
     g.add_argument("--method", type=str, default="pof", help=f"one of {timm_prune.list_methods()}")
-    g.add_argument("--sparsity", type=float, default=0.7, help="fraction of targeted weights removed, in [0, 1)")
+    g.add_argument(
+        "--sparsity", type=float, default=None, help="fraction of targeted weights removed, in [0, 1) (default 0.7)"
+    )
     g.add_argument("--scope", type=str, default="layer", help=f"one of {list(SCOPES)}")
     g.add_argument("--target_modules", type=str, nargs="+", default=None, help="one regex, or names/suffixes")
     g.add_argument("--exclude_modules", type=str, nargs="+", default=None, help="one regex, or names/suffixes")
     g.add_argument("--penalty_weight", type=float, default=None, help="default: the method's (pof 300, slr 1)")
     g.add_argument("--recovery", type=str, default="mean", help=f"one of {list(RECOVERIES)}")
+    g.add_argument(
+        "--pattern",
+        type=str,
+        default=None,
+        help="N:M semi-structured sparsity, e.g. 2:4 (sets the sparsity to 1 - N/M)",
+    )
     g.add_argument("--bn_batches", type=int, default=10, help="batches for the BatchNorm re-estimation row")
     for name, (ftype, methods, default) in method_fields().items():
         if name in SHARED_PRUNE_FIELDS or any(a.dest == name for a in p._actions):
             raise RuntimeError(f"method field {name!r} of {methods} clashes with a recipe flag; rename it")
         g.add_argument(f"--{name}", type=ftype, default=None, help=f"{'/'.join(methods)} field (default {default!r})")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--epochs", type=int, default=10, help="0: no training (calibrate if the method needs it, prune)")
     g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     g.add_argument("--batch_size", type=int, default=64, help="per process")
     g.add_argument("--eval_batch_size", type=int, default=None, help="default: 2 x --batch_size")
@@ -204,6 +221,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         except (ValueError, argparse.ArgumentTypeError) as e:
             parser.error(str(e))
     args = parser.parse_args(argv)
+    if args.sparsity is None:  # an N:M pattern fixes the sparsity at 1 - N/M (PruneConfig checks the pattern)
+        nm = args.pattern and args.pattern.split(":")
+        args.sparsity = 1 - int(nm[0]) / int(nm[1]) if nm and len(nm) == 2 and all(p.isdigit() for p in nm) else 0.7
     if args.output_dir is None:
         dataset = os.path.basename(os.path.normpath(args.dataset)) or "data"
         model = args.model.split(":")[-1].replace("/", "_")
@@ -216,9 +236,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
             parser.error(f"--checkpointing_steps must be a positive integer or 'epoch'; got {args.checkpointing_steps}")
-    for flag in ("epochs", "batch_size", "gradient_accumulation_steps", "bn_batches"):
+    for flag in ("batch_size", "gradient_accumulation_steps", "bn_batches"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1; got {getattr(args, flag)}")
+    if args.epochs < 0:
+        parser.error(f"--epochs must be >= 0 (0: no training); got {args.epochs}")
     return args
 
 

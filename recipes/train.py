@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         optimizer,
         sched=args.sched,
         # Counted in optimizer steps (one "epoch" per update), so the schedule ends exactly at total_steps
-        # even when --max_train_steps stops mid-epoch.
-        num_epochs=total_steps,
+        # even when --max_train_steps stops mid-epoch. --epochs 0 (no training) still builds one, unused.
+        num_epochs=max(total_steps, 1),
         warmup_epochs=args.warmup_epochs * steps_per_epoch,
         min_lr=args.min_lr,
         step_on_epochs=False,

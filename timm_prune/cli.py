@@ -3,6 +3,7 @@
     timm-prune info  MODEL [--revision R] [--json]
     timm-prune eval  MODEL --dataset digits|DIR|HUB_ID [--split test] [--recovery KIND ...] [--limit N] [--json]
     timm-prune push  DIR REPO_ID [--private] [--revision R] [--commit-message M]
+    timm-prune prune MODEL --method wanda|sparsegpt|magnitude --sparsity S [--pattern N:M] --dataset D --output DIR
 
 MODEL is a directory written by ``save_pretrained`` or a Hub id (``user/name``, ``hf-hub:user/name@rev``).
 ``--dataset digits`` is scikit-learn's 8x8 handwritten digits (10 classes, offline), upscaled and
@@ -14,16 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
+import timm
 import torch
 
-from .config import RECOVERY_KINDS
+from .config import RECOVERY_KINDS, PruneConfig
 from .data import load_eval_tensors
 from .hub import FileFormatError, HubUnreachableError, push_folder, read_pruning_info
 from .hub.card import default_recovery
-from .model import from_pretrained
+from .hub.files import PRUNING_CONFIG_NAME
+from .model import convert, from_pretrained
+from .registry import get_method
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +68,27 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--image-size", type=int, default=None, help="input side (default: the model's)")
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.set_defaults(func=_eval)
+
+    pr = sub.add_parser("prune", help="prune a timm model with no training (one-shot) and save it")
+    pr.add_argument("model", help="timm model name, 'hf-hub:user/name', or a local directory (timm or timm_prune save)")
+    pr.add_argument("--method", required=True, help="an unstructured method, e.g. sparsegpt, wanda, magnitude")
+    pr.add_argument("--sparsity", type=float, default=None, help="fraction of targeted weights removed (default 0.5)")
+    pr.add_argument("--pattern", default=None, help="N:M semi-structured sparsity, e.g. 2:4")
+    pr.add_argument("--scope", default="layer", help="'layer' or 'global'")
+    pr.add_argument("--recovery", default="mean", help="data-free recovery saved as the model's default")
+    pr.add_argument(
+        "--dataset", default=None, help="calibration images: 'digits', a local parquet/image folder, a Hub id"
+    )
+    pr.add_argument("--split", default="train", help="dataset split the calibration images come from")
+    pr.add_argument("--calibration-batches", type=int, default=None, help="batches of --batch-size (method default 8)")
+    pr.add_argument("--batch-size", type=int, default=16)
+    pr.add_argument("--image-size", type=int, default=None, help="input side (default: the model's)")
+    pr.add_argument("--bn-batches", type=int, default=0, help="re-estimate BatchNorm on N calibration batches")
+    pr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="another PruneConfig field")
+    pr.add_argument("--no-pretrained", action="store_true", help="a timm name: random weights (for testing)")
+    pr.add_argument("--output", required=True, help="directory to save_pretrained into")
+    pr.add_argument("--overwrite", action="store_true", help="allow a non-empty --output directory")
+    pr.set_defaults(func=_prune)
 
     push = sub.add_parser("push", help="upload a directory written by save_pretrained to a Hub repo, in one commit")
     push.add_argument("directory")
@@ -178,6 +204,93 @@ def _count_correct(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
         logits = model(images[start : start + batch_size])
         correct += int((logits.argmax(-1) == labels[start : start + batch_size]).sum())
     return correct
+
+
+# ------------------------------------------------------------------------------------------------ prune
+def _prune_config(args: argparse.Namespace) -> PruneConfig:
+    options: dict[str, Any] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {item!r}: expected KEY=VALUE")
+        options[key.strip()] = json.loads(value) if _is_json(value) else value
+    if args.calibration_batches is not None:
+        options["calibration_batches"] = args.calibration_batches
+    shared = {"sparsity": args.sparsity, "pattern": args.pattern, "scope": args.scope, "recovery": args.recovery}
+    config = PruneConfig(method=args.method, **shared, **options)
+    if get_method(args.method).structured:
+        raise ValueError(f"--method {args.method!r} removes channels; `prune` runs unstructured methods only")
+    return config
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _load_for_pruning(name: str, pretrained: bool) -> tuple[torch.nn.Module, str]:
+    """The plain timm model to prune and the id it came from (a timm_prune save is merged back to plain first)."""
+    path = name[len("local-dir:") :] if name.startswith("local-dir:") else name
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, PRUNING_CONFIG_NAME)):
+            saved = from_pretrained(path, recover=False)
+            return saved.merge_and_unload(), saved.base_model or path
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"{path!r} is a directory without config.json: not a saved timm model")
+        return timm.create_model(f"local-dir:{path}", pretrained=True), path
+    if name.startswith("local-dir:"):
+        raise ValueError(f"{name!r}: no such directory")
+    return timm.create_model(name, pretrained=pretrained or name.startswith("hf-hub:")), name
+
+
+def _prune(args: argparse.Namespace) -> int:
+    # Everything that can be checked is checked before the model loads and before anything is written.
+    output = os.fspath(args.output)
+    if os.path.exists(output) and (not os.path.isdir(output) or (os.listdir(output) and not args.overwrite)):
+        raise ValueError(f"--output {output!r} exists and is not an empty directory (pass --overwrite to reuse it)")
+    config = _prune_config(args)
+    needs_data = get_method(config.method).needs_calibration or args.bn_batches > 0
+    if needs_data and not args.dataset:
+        raise ValueError(f"--method {config.method} needs calibration images: pass --dataset")
+    for flag in ("batch_size", "bn_batches"):
+        if getattr(args, flag) < (1 if flag == "batch_size" else 0):
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= {1 if flag == 'batch_size' else 0}")
+    try:
+        model, base = _load_for_pruning(args.model, not args.no_pretrained)
+    except RuntimeError as e:  # timm: unknown model name
+        raise ValueError(f"cannot create {args.model!r}: {e}") from None
+    batches, dataset_name = [], None
+    if needs_data:
+        count = config.calibration_batches if hasattr(config.method_options, "calibration_batches") else 0
+        count = max(count, args.bn_batches)
+        size = args.image_size or _model_image_size(model)
+        cfg = model.pretrained_cfg
+        mean, std = cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
+        in_chans = getattr(model, "in_chans", None) or cfg.get("input_size", (3,))[0]
+        limit = count * args.batch_size
+        images, _, dataset_name = load_eval_tensors(args.dataset, args.split, size, in_chans, mean, std, limit)
+        batches = list(torch.split(images, args.batch_size))
+    pm = convert(model.eval(), config)
+    if pm.pruner.needs_calibration:
+        pm.calibrate(batches)
+    report = pm.prune()
+    if args.bn_batches:
+        pm.recalibrate_batchnorm(batches, num_batches=args.bn_batches)
+    if config.recovery != "none":
+        pm.recover()
+    pm.base_model = base
+    if dataset_name is not None:
+        pm.metrics.update(calibration_dataset=dataset_name, calibration_images=sum(len(b) for b in batches))
+    pm.save_pretrained(output)
+    skipped = f", {len(pm.pruner.pattern_skipped)} layer(s) left dense" if pm.pruner.pattern_skipped else ""
+    print(
+        f"pruned {args.model} with {config.method} to {report.sparsity:.2%} of {report.numel:,} targeted weights"
+        f"{f' ({config.pattern})' if config.pattern else ''}{skipped}; saved to {output}"
+    )
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ push

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,31 @@ SCOPES = ("layer", "global")
 RECOVERY_KINDS = ("mean", "layer_mean", "renorm")
 RECOVERIES = RECOVERY_KINDS + ("none",)
 CONFIG_SCHEMA_VERSION = 1
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+NM_ALLOWED = "a string 'N:M' with integers 1 <= N < M, e.g. '2:4' (or None for no pattern)"
+
+
+def nm_pattern(value: Any) -> tuple[int, int] | None:
+    """``(N, M)`` of an N:M pattern given as ``"N:M"`` or ``(N, M)``; ``None`` for ``None``.
+
+    The one parser of the pattern syntax (``PruneConfig.pattern``, ``oneshot.nm.parse_pattern``). Raises
+    ``ValueError`` starting ``pattern=<value> is invalid`` for anything else.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) and (match := _NM_RE.match(value)) is not None:
+        n, m = int(match.group(1)), int(match.group(2))
+    elif (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        n, m = int(value[0]), int(value[1])
+    else:
+        raise ValueError(f"pattern={value!r} is invalid; expected {NM_ALLOWED}")
+    if not 1 <= n < m:
+        raise ValueError(f"pattern={value!r} is invalid: need 1 <= N < M; expected {NM_ALLOWED}")
+    return n, m
 
 
 def _check_patterns(name: str, value: Any) -> None:
@@ -50,6 +76,11 @@ class PruneConfig:
         penalty_weight: multiplier of the method's training penalty (``PrunableModel.penalty()``); ``None``: the
             method's own default (``default_penalty_weight``: 300 for POF, whose energy is a mean of fractions,
             1 for SLR).
+        pattern: ``"N:M"`` (e.g. ``"2:4"``) for semi-structured sparsity: exactly N weights kept in every group
+            of M consecutive input channels (``oneshot.nm``); the sparsity is then ``1 - N/M`` (leave ``sparsity``
+            unset or give that value) and the scope ``"layer"``. Every unstructured method builds its masks (and
+            candidate sets / projections) in that pattern from its own scores; layers whose input-channel count is
+            not a multiple of M stay dense (a warning names them). ``None``: unstructured.
         recovery: what ``recover()`` does after pruning: ``"mean"`` (pruned entries of each output unit
             act as their mean), ``"layer_mean"`` (one mean per layer), ``"renorm"`` (rescale each unit's
             kept weights to its former norm) or ``"none"``.
@@ -67,21 +98,43 @@ class PruneConfig:
     exclude_modules: str | list[str] | None = None
     penalty_weight: float | None = None
     recovery: str | None = "mean"
+    pattern: str | None = None
     method_options: Any = field(default=None, repr=True)
 
     def __init__(
         self,
         method: str = "pof",
-        sparsity: float = 0.5,
+        sparsity: float | None = None,
         scope: str = "layer",
         target_modules: str | list[str] | None = None,
         exclude_modules: str | list[str] | None = None,
         penalty_weight: float | None = None,
         recovery: str = "mean",
+        pattern: str | None = None,
         **method_options: Any,
     ) -> None:
         if not isinstance(method, str) or method not in list_methods():
             raise ValueError(f"PruneConfig.method must be one of {list_methods()}; got {method!r}")
+        try:
+            nm = nm_pattern(pattern)
+        except ValueError as e:
+            raise ValueError(f"PruneConfig.{e}") from None
+        if nm is not None and "pattern" not in get_method(method).unused_fields:
+            nm_sparsity = 1.0 - nm[0] / nm[1]
+            if sparsity is None:
+                sparsity = nm_sparsity
+            elif not isinstance(sparsity, bool) and isinstance(sparsity, (int, float)):
+                if abs(sparsity - nm_sparsity) > 1e-6:
+                    raise ValueError(
+                        f"PruneConfig.sparsity must be 1 - N/M = {nm_sparsity:g} with pattern='{nm[0]}:{nm[1]}' (or "
+                        f"be left unset); got {sparsity!r}"
+                    )
+                sparsity = nm_sparsity
+            if scope != "layer":
+                raise ValueError(
+                    f"PruneConfig.scope must be 'layer' with a pattern (N:M is per group of M inputs); got {scope!r}"
+                )
+        sparsity = 0.5 if sparsity is None else sparsity
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
             raise ValueError(f"PruneConfig.sparsity must be a number in [0, 1); got {sparsity!r}")
         if scope not in SCOPES:
@@ -101,6 +154,7 @@ class PruneConfig:
         self.exclude_modules = list(exclude_modules) if isinstance(exclude_modules, tuple) else exclude_modules
         self.penalty_weight = float(penalty_weight)
         self.recovery = recovery
+        self.pattern = None if nm is None else f"{nm[0]}:{nm[1]}"
         options_cls = get_method(method).options_cls
         known = {f.name for f in dataclasses.fields(options_cls)}
         unknown = sorted(set(method_options) - known)

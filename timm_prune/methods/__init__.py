@@ -7,6 +7,8 @@ from . import (
     pof,  # noqa: F401  (registers "pof")
     psap,  # noqa: F401  (registers "psap")
     slr,  # noqa: F401  (registers "slr")
+    sparsegpt,  # noqa: F401  (registers "sparsegpt")
+    wanda,  # noqa: F401  (registers "wanda")
 )
 from .base import PruneMethod
 

@@ -23,6 +23,12 @@ call a method only through the hooks below, each of which has a default here; a 
 ``structure()``        the record that rebuilds a narrowed model (saved), ``load_structure(record)`` on load
 =====================  ==========================================================================================
 
+With ``config.pattern`` (``"N:M"``), ``keep_masks`` builds N:M masks from ``scores()`` (``pattern_keep_mask``): the
+lowest ``round(sparsity * M)`` of every group of M input channels are pruned (exactly N kept at
+``config.sparsity = 1 - N/M``; a method asking for a lower sparsity, like GMP's schedule, gets the same grouping
+with fewer pruned per group). Layers whose input-channel dimension is not a multiple of M stay dense and are
+named in a warning (``pattern_skipped``).
+
 ``calibrate`` takes an iterable of batches: input tensors, ``(inputs, labels)`` tuples / lists, or dicts with
 ``"pixel_values"`` (and ``"labels"``); see ``split_batch``. Methods that use labels fall back on the dense
 model's own predictions for unlabeled batches.
@@ -31,6 +37,7 @@ model's own predictions for unlabeled batches.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -38,7 +45,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn as nn
 
+from ..config import nm_pattern
 from ..masking import global_keep_masks, layer_keep_mask
+from ..oneshot.nm import nm_keep_mask
 from ..parametrizations import unmasked_weight
 from ..reports import PruneReport, StructuredReport
 
@@ -110,6 +119,8 @@ class PruneMethod(nn.Module):
         # (as children they would be registered, and saved, twice).
         self.__dict__["_model"] = model
         self.layers: dict[str, nn.Module] = {}
+        # N:M: layers left dense because their input-channel dimension is not a multiple of M (warned once).
+        self.pattern_skipped: list[str] = []
 
     @property
     def model(self) -> nn.Module:
@@ -175,10 +186,38 @@ class PruneMethod(nn.Module):
         """Keep-masks at ``sparsity`` (default ``config.sparsity``) and ``config.scope`` for the current weights."""
         sparsity = self.config.sparsity if sparsity is None else sparsity
         names = list(self.layers)
+        if self.config.pattern is not None:
+            return {n: self.pattern_keep_mask(n, self.scores(n), sparsity) for n in names}
         if self.config.scope == "global":
             masks = global_keep_masks([lambda n=n: self.scores(n) for n in names], sparsity)
             return dict(zip(names, masks, strict=True))
         return {n: layer_keep_mask(self.scores(n), sparsity) for n in names}
+
+    def pattern_keep_mask(self, name: str, scores: torch.Tensor, sparsity: float | None = None) -> torch.Tensor:
+        """Keep-mask of layer ``name`` in ``config.pattern``'s N:M grouping from ``scores`` (shaped like its weight):
+        the lowest ``round(sparsity * M)`` of every group of M input channels pruned (``M - N`` at
+        ``config.sparsity``). A layer whose dim 1 is not a multiple of M stays dense (all True) and is warned about.
+        """
+        nm = nm_pattern(self.config.pattern)
+        if nm is None:
+            raise ValueError(f"method {self.name!r}: pattern_keep_mask needs PruneConfig.pattern; it is None")
+        m = nm[1]
+        sparsity = self.config.sparsity if sparsity is None else sparsity
+        pruned_per_group = min(m, max(0, int(round(sparsity * m))))
+        if scores.dim() < 2 or scores.shape[1] % m:
+            if name not in self.pattern_skipped:
+                self.pattern_skipped.append(name)
+                warnings.warn(
+                    f"pattern {self.config.pattern}: layer {name!r} (weight {tuple(scores.shape)}) has an "
+                    f"input-channel dimension that is not a multiple of {m}; it stays dense",
+                    stacklevel=3,
+                )
+            return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        if pruned_per_group == 0:
+            return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        if pruned_per_group == m:
+            return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        return nm_keep_mask(scores, (m - pruned_per_group, m))
 
     # ------------------------------------------------------------------ structured pruning
     def prune_structured(self) -> StructuredReport:

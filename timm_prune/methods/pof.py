@@ -163,10 +163,10 @@ class PofMethod(PruneMethod):
     def select_candidates(self) -> None:
         """Re-select the nested candidate sets from the current weights (one per penalty sparsity)."""
         sparsities = self.penalty_sparsities
-        if self.config.scope == "layer":
+        if self.config.scope == "layer" and self.config.pattern is None:
             for name, candidates in self._candidates.items():
                 candidates.copy_(self._sampled_levels(self.scores(name), sparsities))
-        else:  # one exact global threshold per sparsity (scores of different layers must be compared exactly)
+        else:  # one exact global threshold per sparsity, or N:M sets (keep_masks follows config.pattern)
             for candidates in self._candidates.values():
                 candidates.zero_()
             for sparsity in sparsities:

@@ -221,6 +221,8 @@ class SlrMethod(PruneMethod):
 
     def _project(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Euclidean projection onto the sparsity constraint: keep the largest ``|value|`` entries."""
+        if self.config.pattern is not None:  # N:M: the projection keeps the largest N of every group of M
+            return {n: v * self.pattern_keep_mask(n, v.abs()) for n, v in values.items()}
         if self.config.scope == "global":
             names = list(values)
             keeps = global_keep_masks([lambda n=n: values[n].abs() for n in names], self.config.sparsity)
@@ -231,7 +233,7 @@ class SlrMethod(PruneMethod):
     def keep_masks(self, sparsity: float | None = None) -> dict[str, torch.Tensor]:
         """Largest ``|W|`` per layer at its own sparsity (overrides included); ``scope="global"``: one threshold.
         An explicit ``sparsity`` applies to every layer instead."""
-        if self.config.scope == "global" or sparsity is not None:
+        if self.config.scope == "global" or sparsity is not None or self.config.pattern is not None:
             return super().keep_masks(sparsity)
         return {n: layer_keep_mask(self.scores(n), self.sparsities[n]) for n in self.layers}
 

@@ -62,7 +62,7 @@ class StructuredMethod(PruneMethod):
     structured = True
     supports_recovery = False
     # Weight-level settings: structured methods select channels, train no penalty, and leave nothing to recover.
-    unused_fields = ("scope", "recovery", "penalty_weight")
+    unused_fields = ("scope", "recovery", "penalty_weight", "pattern")
     report_cls = StructuredReport
     # Try each group's removal once at trace time and leave whole the groups torch-pruning does not remove
     # consistently (with a warning); without it, such a group fails at prune() (and is rolled back).

@@ -19,13 +19,12 @@ raise ``ValueError``; ``nm_compatible`` tells a caller in advance, so that a met
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
-_PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-_ALLOWED = "a string 'N:M' with integers 1 <= N < M, e.g. '2:4' (or None for no pattern)"
+from ..config import NM_ALLOWED as _ALLOWED
+from ..config import nm_pattern
 
 
 @dataclass(frozen=True)
@@ -46,33 +45,16 @@ class NMPattern:
 def parse_pattern(pattern: str | tuple[int, int] | NMPattern | None) -> NMPattern | None:
     """Parse and validate ``pattern`` (``"2:4"``, ``(2, 4)``, an ``NMPattern`` or ``None``).
 
+    The syntax is ``PruneConfig.pattern``'s (``timm_prune.config.nm_pattern``, its one parser).
+
     Raises:
         ValueError: naming the field ``pattern`` and the allowed form, for anything else.
     """
-    if pattern is None or isinstance(pattern, NMPattern):
-        if isinstance(pattern, NMPattern):
-            _check(pattern.n, pattern.m, pattern)
+    if isinstance(pattern, NMPattern):
+        nm_pattern((pattern.n, pattern.m))
         return pattern
-    if isinstance(pattern, str):
-        match = _PATTERN_RE.match(pattern)
-        if match is None:
-            raise ValueError(f"pattern={pattern!r} is invalid; expected {_ALLOWED}")
-        n, m = int(match.group(1)), int(match.group(2))
-    elif isinstance(pattern, (tuple, list)) and len(pattern) == 2 and all(_is_int(v) for v in pattern):
-        n, m = int(pattern[0]), int(pattern[1])
-    else:
-        raise ValueError(f"pattern={pattern!r} is invalid; expected {_ALLOWED}")
-    _check(n, m, pattern)
-    return NMPattern(n, m)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check(n: int, m: int, original: object) -> None:
-    if not (1 <= n < m):
-        raise ValueError(f"pattern={original!r} is invalid: need 1 <= N < M; expected {_ALLOWED}")
+    parsed = nm_pattern(pattern)
+    return None if parsed is None else NMPattern(*parsed)
 
 
 def nm_compatible(weight_shape: tuple[int, ...] | torch.Size, pattern: str | tuple[int, int] | NMPattern) -> bool:
