@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -49,6 +48,7 @@ from _cifar10_eval import (  # noqa: E402
     step_time_ratio,
 )
 from _cifar10_report import DATA_FREE_CHOICES, atomic_write_text, decide, write_results  # noqa: E402
+from _recipe_runner import recipe_command, train_one  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -128,8 +128,7 @@ def run_specs(args: argparse.Namespace, steps_per_epoch: int) -> dict[str, dict[
     return specs
 
 
-def recipe_command(args: argparse.Namespace, name: str, flags: dict[str, Any]) -> list[str]:
-    command = [sys.executable, str(ROOT / "recipes" / "train.py")]
+def run_command(args: argparse.Namespace, name: str, flags: dict[str, Any]) -> list[str]:
     common = {
         "model": args.model,
         "model_kwargs": json.dumps(args.model_kwargs),
@@ -160,26 +159,7 @@ def recipe_command(args: argparse.Namespace, name: str, flags: dict[str, Any]) -
         "max_train_samples": args.max_train_samples,
         "max_eval_samples": args.max_eval_samples,
     }
-    for key, value in {**common, **flags}.items():
-        if value is None:
-            continue
-        if isinstance(value, list):
-            command += [f"--{key}", *[str(v) for v in value]] if key == "scale" else [f"--{key}", json.dumps(value)]
-        else:
-            command += [f"--{key}", str(value)]
-    return command
-
-
-def _train_one(job: tuple[list[str], str, int]) -> tuple[str, float]:
-    command, log_path, threads = job
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    started = time.time()
-    with open(log_path, "w") as log:
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if code != 0:
-        tail = Path(log_path).read_text()[-3000:]
-        raise RuntimeError(f"recipe run failed (exit {code}): {' '.join(command)}\n--- {log_path} (tail) ---\n{tail}")
-    return log_path, time.time() - started
+    return recipe_command({**common, **flags})
 
 
 def train_all(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -190,9 +170,9 @@ def train_all(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> dic
             print(f"[train] {name}: reusing {out}", flush=True)
             continue
         os.makedirs(out, exist_ok=True)
-        jobs.append((recipe_command(args, name, flags), os.path.join(out, "train.log"), args.threads))
+        jobs.append((run_command(args, name, flags), os.path.join(out, "train.log"), args.threads, {}))
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        for log_path, took in pool.map(_train_one, jobs):
+        for log_path, took in pool.map(train_one, jobs):
             name = Path(log_path).parent.name
             seconds[name] = took
             print(f"[train] {name}: {took / 60:.1f} min", flush=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -42,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cifar10_eval import DataSpec, EvalJob, create_model, load_eval_tensors, run_eval_job, step_time_ratio  # noqa: E402
 from _cifar10_v2_report import atomic_write_text, write_results  # noqa: E402
+from _recipe_runner import recipe_command, train_one  # noqa: E402
 
 import timm_prune  # noqa: E402
 
@@ -190,30 +190,10 @@ def finetune_specs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return specs
 
 
-def recipe_command(flags: dict[str, Any], output_dir: str) -> list[str]:
-    command = [sys.executable, str(ROOT / "recipes" / "train.py")]
-    for key, value in {**flags, "output_dir": output_dir}.items():
-        if value is None or key in ("contender",):
-            continue
-        if isinstance(value, list):
-            command += [f"--{key}", *[str(v) for v in value]] if key == "scale" else [f"--{key}", json.dumps(value)]
-        else:
-            command += [f"--{key}", str(value)]
-    return command
-
-
-def _train_one(job: tuple[list[str], str, int, bool]) -> tuple[str, float]:
-    command, log_path, threads, bf16 = job
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    if bf16:
-        env["ACCELERATE_MIXED_PRECISION"] = "bf16"
-    started = time.time()
-    with open(log_path, "w") as log:
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if code != 0:
-        tail = Path(log_path).read_text()[-3000:]
-        raise RuntimeError(f"recipe run failed (exit {code}): {' '.join(command)}\n--- {log_path} (tail) ---\n{tail}")
-    return log_path, time.time() - started
+def _job(flags: dict[str, Any], output_dir: str, args: argparse.Namespace) -> tuple:
+    env = {"ACCELERATE_MIXED_PRECISION": "bf16"} if args.bf16 else {}
+    flags = {k: v for k, v in flags.items() if k != "contender"}
+    return recipe_command({**flags, "output_dir": output_dir}), os.path.join(output_dir, "train.log"), args.threads, env
 
 
 def _finished(run_dir: str) -> bool:
@@ -229,7 +209,7 @@ def train_base(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(out)
         os.makedirs(out, exist_ok=True)
         print(f"[base] training {args.model} for {args.base_epochs} epochs into {out}", flush=True)
-        _train_one((recipe_command(base_flags(args), out), os.path.join(out, "train.log"), args.threads, args.bf16))
+        train_one(_job(base_flags(args), out, args))
     metrics = json.loads(Path(out, "metrics.json").read_text())
     return {
         "model": args.model,
@@ -257,10 +237,10 @@ def train_finetunes(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) 
             "warmup_epochs": 0,
             **{k: v for k, v in spec.items() if k not in ("contender", "seed")},
         }
-        jobs.append((recipe_command(flags, out), os.path.join(out, "train.log"), args.threads, args.bf16))
+        jobs.append(_job(flags, out, args))
     print(f"[finetune] {len(specs) - len(jobs)} runs reused, {len(jobs)} to train", flush=True)
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        for log_path, took in pool.map(_train_one, jobs):
+        for log_path, took in pool.map(train_one, jobs):
             print(f"[finetune] {Path(log_path).parent.name}: {took / 60:.1f} min", flush=True)
 
 
