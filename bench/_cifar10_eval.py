@@ -229,12 +229,14 @@ def step_time_ratio(
     steps: int = 60,
     warmup: int = 4,
     method: str = "pof",
+    bf16: bool = False,
 ) -> dict[str, float]:
     """Training-step time of POF (B) over plain training (A) on identical batches, interleaved: the median of the
     ratios of adjacent steps.
 
     Both start from the same initial weights and use the recipe's optimizer; the order alternates every step
-    (A B, B A, ...) so that drifts of a shared, noisy machine hit both alike.
+    (A B, B A, ...) so that drifts of a shared, noisy machine hit both alike. ``bf16``: both under bfloat16 autocast
+    with channels-last tensors, as the v2 benchmark trains.
     """
     torch.manual_seed(0)
     base = create_model(name, model_kwargs)
@@ -245,6 +247,9 @@ def step_time_ratio(
         "A": timm_prune.convert(plain, timm_prune.PruneConfig(method="magnitude")),
         "B": timm_prune.convert(base, timm_prune.PruneConfig(method=method, **pof_options)),
     }
+    if bf16:
+        models = {k: m.to(memory_format=torch.channels_last) for k, m in models.items()}
+        images = images.contiguous(memory_format=torch.channels_last)
     optimizers = {
         k: create_optimizer_v2(m, opt="sgd", lr=0.01, weight_decay=5e-4, momentum=0.9) for k, m in models.items()
     }
@@ -254,7 +259,8 @@ def step_time_ratio(
             model, optimizer = models[key], optimizers[key]
             model.train()
             start = time.perf_counter()
-            loss = F.cross_entropy(model(images), labels) + model.penalty()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(images), labels) + model.penalty()
             loss.backward()
             optimizer.step()
             model.on_step_end(step=step + 1, total_steps=warmup + steps)  # GMP's mask updates count too

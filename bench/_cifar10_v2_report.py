@@ -230,6 +230,9 @@ def write_results(results: dict[str, Any], directory: Path) -> None:
         "",
         f"Command: `{results.get('command')}`",
         "",
+        f"POF fine-tuning options: `{json.dumps(results.get('pof_options'))}`; variants (over those): "
+        + (", ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in (results.get("pof_variants") or {}).items()) or "none"),
+        "",
         main_table(results),
         "",
         *winner_lines(results),

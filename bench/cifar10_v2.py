@@ -85,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", default=str(ROOT / "bench" / "runs_v2"))
     p.add_argument("--retrain", action="store_true", help="train the base and every run again")
     p.add_argument("--report_only", action="store_true", help="write tables and plot from the measured rows")
+    p.add_argument("--cost_only", action="store_true", help="with --report_only: measure the step-time ratios again")
     p.add_argument("--max_train_samples", type=int, default=None)
     p.add_argument("--max_eval_samples", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1 epoch, 1 seed, 2 sparsities")
@@ -322,8 +323,13 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
     batch = images[: args.batch_size], labels[: args.batch_size]
     out = {}
     pof = {k: v for k, v in pof_options(args).items()}
-    out["pof"] = step_time_ratio(args.model, {}, *batch, {"sparsity": 0.9, **pof}, steps=30)
-    out["gmp"] = step_time_ratio(args.model, {}, *batch, {"sparsity": 0.9, "update_every": 10}, steps=30, method="gmp")
+    gmp = {"sparsity": 0.9, "update_every": 10}
+    for precision, bf16 in (("fp32", False), ("bf16", True)):
+        out[f"pof_{precision}"] = step_time_ratio(args.model, {}, *batch, {"sparsity": 0.9, **pof}, 30, bf16=bf16)
+        for name, options in args.pof_variants.items():
+            options = {"sparsity": 0.9, **pof, **options}
+            out[f"{name}_{precision}"] = step_time_ratio(args.model, {}, *batch, options, 30, bf16=bf16)
+        out[f"gmp_{precision}"] = step_time_ratio(args.model, {}, *batch, gmp, 30, method="gmp", bf16=bf16)
     for name, row in out.items():
         print(f"[cost] step time {name} / plain: median x{row['step_time_ratio']:.3f}", flush=True)
     return out
@@ -358,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
         seeds=args.seeds,
         bf16=args.bf16,
         jobs=args.jobs,
+        pof_options=pof_options(args),
+        pof_variants=args.pof_variants,
         command="python bench/cifar10_v2.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     )
     if not args.report_only:
@@ -375,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
         results["run_times"] = run_walltimes(args, specs)
         if "cost" not in results or args.retrain:
             results["cost"] = cost(args)
+    if args.cost_only:
+        results["cost"] = cost(args)
     results["wall_time_min"] = round((time.time() - started) / 60, 1)
     write_results(results, Path(args.results))
     print(f"done in {results['wall_time_min']} min; results in {args.results}")
