@@ -65,7 +65,8 @@ class PrunableModel(nn.Module):
         self.base_model: str | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        with self.pruner.forward_context(self.training):
+            return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:

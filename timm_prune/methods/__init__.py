@@ -3,6 +3,7 @@
 from ..registry import get_method, list_methods, register_method
 from . import (
     autobot,  # noqa: F401  (registers "autobot")
+    gmp,  # noqa: F401  (registers "gmp")
     magnitude,  # noqa: F401  (registers "magnitude")
     pof,  # noqa: F401  (registers "pof")
     psap,  # noqa: F401  (registers "psap")

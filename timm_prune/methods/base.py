@@ -13,6 +13,7 @@ call a method only through the hooks below, each of which has a default here; a 
 ``attach(layers)``     once, at ``convert`` time: re-parametrise the targeted layers, size state to them
 ``penalty()``          training penalty, a 0-dim tensor already weighted by ``penalty_weight`` (default 0)
 ``candidate_energy()`` per layer, the share of weight energy pruning now would remove (for logs)
+``forward_context(t)`` a context manager around every forward of the model (``t``: training mode); default none
 ``on_step_end(**l)``   after each optimizer step (gradients still in ``.grad``); returns values worth logging
 ``on_epoch_end(**l)``  at each epoch boundary (``train_loss=...``); returns values worth logging
 ``needs_calibration``  ``True``: ``calibrate(batches)`` must run after training and before ``prune()``
@@ -36,6 +37,7 @@ model's own predictions for unlabeled batches.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterable
@@ -152,6 +154,11 @@ class PruneMethod(nn.Module):
                 w2 = self.weight(name).detach().float().square()
                 out[name] = float((w2 * ~keep).sum() / w2.sum().clamp_min(1e-30))
         return out
+
+    def forward_context(self, training: bool) -> contextlib.AbstractContextManager:
+        """Entered around every forward of ``PrunableModel`` (e.g. POF's pruned-forward training steps). Default:
+        nothing. Whatever it changes must be undone on exit, so that no state outlives the forward."""
+        return contextlib.nullcontext()
 
     def on_step_end(self, **logs: Any) -> dict[str, Any]:
         """After each optimizer step, before ``zero_grad`` (no-op by default); returns values worth logging."""

@@ -17,6 +17,7 @@ Our formulation (the paper is known to us by its abstract only; every choice is 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +40,23 @@ def _unit_norm(v: torch.Tensor) -> torch.Tensor:
 
 
 class Hyperspherical(nn.Module):
-    """``(g, v) -> g * v / ||v||`` per output unit; ``g`` is 1-D (one magnitude per unit)."""
+    """``(g, v) -> g * v / ||v||`` per output unit; ``g`` is 1-D (one magnitude per unit).
+
+    ``forward_keep`` is set only for the duration of one of POF's pruned-forward training steps: the weight then
+    runs with the entries outside it at zero, and the gradient still reaches every entry (straight-through).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forward_keep: torch.Tensor | None = None
 
     def forward(self, magnitude: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
         # torch's fused weight-norm kernel (what nn.utils.parametrizations.weight_norm runs): about 7x faster
         # than the same expression in separate ops on CPU, and this runs on every training step.
-        return torch._weight_norm(direction, magnitude.view(_unit_shape(direction)), 0)
+        weight = torch._weight_norm(direction, magnitude.view(_unit_shape(direction)), 0)
+        if self.forward_keep is not None:
+            weight = weight - (weight * ~self.forward_keep).detach()
+        return weight
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         magnitude = weight.reshape(weight.shape[0], -1).norm(dim=1)
@@ -82,8 +94,8 @@ class PofOptions:
 
     # Training calls of penalty() over which its weight ramps linearly from 0 to penalty_weight.
     penalty_warmup: int = 0
-    # Re-select the candidate set every this many training calls (1: every step).
-    threshold_refresh: int = 1
+    # Re-select the candidate set every this many training calls (1: every step, about 1.6x the cost of 10).
+    threshold_refresh: int = 10
     # Per-layer ranking: "direction" (|u|, each unit on equal footing) or "weight" (|g * u|).
     criterion: str = "direction"
     # Sparsities the penalty polarises for at once: nested candidate sets, each weighted equally, so that one
@@ -93,6 +105,12 @@ class PofOptions:
     # entries: the penalty needs the candidate set, not an exact count, and a full k-th value per layer at
     # every refresh was most of the penalty's cost. 0: exact thresholds.
     threshold_sample: int = 65536
+    # Share of training forwards that run the PRUNED model: the candidates of one penalty sparsity (drawn
+    # uniformly, seeded by the step) are zeroed in the forward, the gradient reaches every weight
+    # (straight-through), and BatchNorm running statistics are left as the dense forwards set them. The model
+    # learns to be accurate once pruned (after CrAM, Peste et al., ICLR 2023, without its sharpness step, so a
+    # step costs what a dense one does). 0: every forward is dense.
+    pruned_forward: float = 0.0
 
     def __post_init__(self) -> None:
         if not is_int(self.penalty_warmup) or self.penalty_warmup < 0:
@@ -103,6 +121,8 @@ class PofOptions:
             raise ValueError(f"PruneConfig.criterion must be 'direction' or 'weight'; got {self.criterion!r}")
         if not is_int(self.threshold_sample) or self.threshold_sample < 0:
             raise ValueError(f"PruneConfig.threshold_sample must be an integer >= 0; got {self.threshold_sample!r}")
+        if not is_number(self.pruned_forward) or not 0.0 <= self.pruned_forward <= 1.0:
+            raise ValueError(f"PruneConfig.pruned_forward must be a number in [0, 1]; got {self.pruned_forward!r}")
         levels = self.penalty_sparsities
         if levels is not None:
             if isinstance(levels, tuple):
@@ -140,6 +160,10 @@ class PofMethod(PruneMethod):
     @property
     def _candidates(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, f"candidates_{index}") for index, name in enumerate(self.layers)}
+
+    def candidate_counts(self) -> dict[str, torch.Tensor]:
+        """Per layer, in how many of the nested candidate sets each entry lies (uint8, 0 = in none)."""
+        return dict(self._candidates)
 
     def direction(self, name: str) -> torch.Tensor:
         return self.layers[name].parametrizations.weight.original1
@@ -189,6 +213,45 @@ class PofMethod(PruneMethod):
         thresholds = torch.stack([sample.kthvalue(k).values for k in ranks])
         # An entry at or below the i-th threshold is in set i and in every larger one.
         return (len(sparsities) - torch.bucketize(score, thresholds, right=False)).to(torch.uint8)
+
+    def pruned_forward_level(self) -> int | None:
+        """Index into ``penalty_sparsities`` of the level this training step's forward runs pruned at, or None.
+
+        Drawn from a generator seeded by the step counter: every DDP rank and a resumed run draw alike."""
+        if self.config.pruned_forward <= 0 or not bool(self.candidates_selected):
+            return None
+        generator = torch.Generator().manual_seed(int(self.step) * 1_000_003 + 17)
+        if float(torch.rand((), generator=generator)) >= self.config.pruned_forward:
+            return None
+        return int(torch.randint(len(self.penalty_sparsities), (), generator=generator))
+
+    @contextlib.contextmanager
+    def forward_context(self, training: bool):
+        level = self.pruned_forward_level() if training else None
+        if level is None:
+            yield
+            return
+        # Candidate counts: an entry is pruned at level i when it lies in the nested sets of level i and above.
+        pruned_from = len(self.penalty_sparsities) - level
+        # Running statistics describe the dense model (the pruned one gets its own by re-estimation): the pruned
+        # forward updates copies, and the originals are put back afterwards. Swapped, not copied back in place:
+        # batch_norm's backward reads the tensors its forward was given.
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [{k: b for k, b in m._buffers.items() if b is not None} for m in norms]
+        parametrizations = [self.layers[name].parametrizations.weight[0] for name in self.layers]
+        try:
+            for module, buffers in zip(norms, saved, strict=True):
+                for key, buffer in buffers.items():
+                    setattr(module, key, buffer.clone())
+            for module, candidates in zip(parametrizations, self._candidates.values(), strict=True):
+                module.forward_keep = candidates < pruned_from
+            yield
+        finally:
+            for module in parametrizations:
+                module.forward_keep = None
+            for module, buffers in zip(norms, saved, strict=True):
+                for key, buffer in buffers.items():
+                    setattr(module, key, buffer)
 
     def penalty(self) -> torch.Tensor:
         training = torch.is_grad_enabled()

@@ -1,0 +1,100 @@
+"""POF's pruned-forward training steps: the pruned model runs, gradients reach every weight, BN stays dense."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import timm_prune
+
+SPARSITIES = [0.5, 0.8]
+
+
+def _pm(pruned_forward: float) -> timm_prune.PrunableModel:
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=4)
+    config = timm_prune.PruneConfig(
+        method="pof", sparsity=0.8, scope="global", penalty_sparsities=SPARSITIES, pruned_forward=pruned_forward
+    )
+    pm = timm_prune.convert(model, config)
+    pm.penalty()  # selects the candidate sets (and counts one training call)
+    return pm
+
+
+def _bn_buffers(pm: timm_prune.PrunableModel) -> list[torch.Tensor]:
+    return [b.clone() for n, b in pm.model.named_buffers() if "running" in n]
+
+
+def test_a_pruned_forward_runs_the_pruned_model_and_leaves_bn_statistics_alone():
+    pm = _pm(pruned_forward=1.0).train()
+    level = pm.pruner.pruned_forward_level()
+    assert level is not None
+    x = torch.randn(6, 3, 32, 32)
+    # Reference: the same weights as a plain model, with the candidates of that level set to zero.
+    plain = pm.merge_and_unload().train()
+    counts = dict(zip(pm.targets, pm.pruner.candidate_counts().values(), strict=True))
+    with torch.no_grad():
+        for name, count in counts.items():
+            plain.get_submodule(name).weight.mul_(count < len(SPARSITIES) - level)
+    before = _bn_buffers(pm)
+    out = pm(x)
+    torch.testing.assert_close(out, plain(x), atol=1e-5, rtol=1e-4)
+    for a, b in zip(before, _bn_buffers(pm), strict=True):
+        assert torch.equal(a, b)
+    # Straight-through: the pruned entries get a gradient too.
+    out.square().mean().backward()
+    name = next(iter(pm.targets))
+    grad = pm.targets[name].parametrizations.weight.original1.grad
+    pruned = counts[name] >= len(SPARSITIES) - level
+    assert pruned.any() and grad[pruned].abs().sum() > 0
+    # Nothing outlives the forward: eval and dense training forwards are the model's own.
+    assert all(m.parametrizations.weight[0].forward_keep is None for m in pm.targets.values())
+
+
+def test_dense_forwards_and_eval_are_unchanged():
+    pm = _pm(pruned_forward=0.0).train()
+    x = torch.randn(6, 3, 32, 32)
+    before = _bn_buffers(pm)
+    pm(x)
+    assert any(not torch.equal(a, b) for a, b in zip(before, _bn_buffers(pm), strict=True))
+    # In eval mode a pruned-forward model computes exactly what the plain POF model does.
+    torch.testing.assert_close(_pm(pruned_forward=1.0).eval()(x), _pm(pruned_forward=0.0).eval()(x))
+
+
+def test_the_draw_is_seeded_by_the_step_and_follows_the_probability():
+    pm = _pm(pruned_forward=0.5)
+    draws = []
+    for _ in range(300):
+        draws.append(pm.pruner.pruned_forward_level())
+        assert draws[-1] == pm.pruner.pruned_forward_level()  # same step, same draw
+        pm.penalty()
+    pruned = [d for d in draws if d is not None]
+    assert 0.4 < len(pruned) / len(draws) < 0.6
+    assert set(pruned) == {0, 1}
+
+
+def test_training_with_pruned_forwards_reduces_the_loss_of_the_pruned_model():
+    torch.manual_seed(1)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 4, (32,))
+    losses = {}
+    for p in (0.0, 1.0):
+        pm = _pm(pruned_forward=p).train()
+        optimizer = torch.optim.SGD(pm.parameters(), lr=0.05)
+        for _ in range(15):
+            loss = F.cross_entropy(pm(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            pm.penalty()  # counts the step, refreshes candidates; its value is not trained here
+        pm.prune()
+        pm.recalibrate_batchnorm([x], num_batches=1)
+        with torch.no_grad():
+            losses[p] = float(F.cross_entropy(pm.eval()(x), y))
+    assert losses[1.0] < losses[0.0]
+
+
+def test_bad_pruned_forward_names_the_field():
+    with pytest.raises(ValueError, match="pruned_forward"):
+        timm_prune.PruneConfig(method="pof", pruned_forward=1.5)
