@@ -158,6 +158,10 @@ def _evaluate_grid(job: EvalJob, state: dict, images: torch.Tensor, labels: torc
     for scope in job.scopes:
         for sparsity in job.sparsities:
             pm = _convert(job, scope, sparsity, state)
+            if pm.pruner.needs_calibration:
+                # One-shot methods (Wanda, SparseGPT) calibrate on the same un-augmented training images that
+                # BatchNorm re-estimation uses.
+                pm.calibrate(bn_batches)
             report = pm.prune()
             measured = {"zero": top1(pm, images, labels)}
             for kind in DATA_FREE:

@@ -12,14 +12,16 @@ from typing import Any
 
 DATA_FREE = ("zero", "mean")
 WITH_DATA = ("bn_recal", "mean+bn_recal")
-ORDER = ("pof", "plain", "gmp", "base", "wanda", "sparsegpt")
+ORDER = ("pof", "plain", "gmp", "base", "wanda", "sparsegpt", "wanda_base", "sparsegpt_base")
 LABELS = {
     "plain": "plain FT + global magnitude",
     "pof": "POF FT (one model)",
     "gmp": "GMP FT (one model per sparsity)",
     "base": "base, no FT, global magnitude",
-    "wanda": "Wanda (one-shot)",
-    "sparsegpt": "SparseGPT (one-shot)",
+    "wanda": "plain FT + Wanda (one-shot, per layer)",
+    "sparsegpt": "plain FT + SparseGPT (one-shot, per layer)",
+    "wanda_base": "base, no FT, Wanda (per layer)",
+    "sparsegpt_base": "base, no FT, SparseGPT (per layer)",
 }
 
 

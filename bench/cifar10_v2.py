@@ -51,6 +51,9 @@ FINETUNED = ("plain", "pof", "gmp")
 ONE_SHOT = ("wanda", "sparsegpt")
 CONTENDERS = FINETUNED + ("base",) + ONE_SHOT
 VARIANTS = ["zero", "mean", "bn_recal", "mean+bn_recal"]
+# Calibration batches (of --batch_size un-augmented training images) per one-shot method: SparseGPT runs one
+# forward pass per layer, so it gets fewer.
+ONE_SHOT_BATCHES = {"wanda": 8, "sparsegpt": 4}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -277,9 +280,24 @@ def eval_jobs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> lis
                 out.append((labels, job(name, run_dir, "pof", options, args.sparsities, VARIANTS)))
             else:
                 out.append((labels, job(name, run_dir, "magnitude", {}, args.sparsities, VARIANTS)))
+        # One-shot methods on the plain fine-tuned models (same budget) and on the base (no training at all).
         for method in ONE_SHOT:
-            if method in args.contenders and method not in methods:
+            if method not in args.contenders:
+                continue
+            if method not in methods:
                 print(f"[eval] {method}: not registered in timm_prune yet; skipped", flush=True)
+                continue
+            options = {"scope": "layer", "calibration_batches": ONE_SHOT_BATCHES[method]}
+            sources = [(f"{method}_base", None, base_dir)]
+            sources += [(f"{method}-s{s['seed']}", s["seed"], os.path.join(args.workdir, n))
+                        for n, s in specs.items() if s["contender"] == "plain"]  # fmt: skip
+            for run, seed, run_dir in sources:
+                if _finished(run_dir):
+                    contender = method if seed is not None else f"{method}_base"
+                    out.append(
+                        ({"contender": contender, "seed": seed},
+                         job(run, run_dir, method, dict(options), args.sparsities, VARIANTS))  # fmt: skip
+                    )
     return out
 
 
