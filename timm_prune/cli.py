@@ -21,9 +21,10 @@ from typing import Any
 
 import timm
 import torch
+from tqdm.auto import tqdm
 
 from .config import RECOVERY_KINDS, PruneConfig
-from .data import load_eval_tensors
+from .data import eval_loader, load_eval_tensors
 from .hub import FileFormatError, HubUnreachableError, push_folder, read_pruning_info
 from .hub.card import default_recovery
 from .hub.files import PRUNING_CONFIG_NAME
@@ -63,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="recoveries to evaluate (default: none and the model's default recovery)",
     )
-    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
+    ev.add_argument(
+        "--limit", type=int, default=None, help="evaluate a seeded random sample of N examples, stratified by label"
+    )
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--image-size", type=int, default=None, help="input side (default: the model's)")
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -171,18 +174,30 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = pm.model.pretrained_cfg
     mean, std = cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
     in_chans = getattr(pm.model, "in_chans", None) or cfg.get("input_size", (3,))[0]
-    images, labels, name = load_eval_tensors(args.dataset, args.split, size, in_chans, mean, std, args.limit)
-    results = []
-    for kind in kinds:
-        pm.recover(kind)
-        correct = _count_correct(pm, images, labels, args.batch_size)
-        results.append({"recovery": kind, "accuracy": correct / len(labels), "correct": correct, "total": len(labels)})
+    # Streamed: one batch decoded at a time (a whole split at 224 px does not fit in memory), every recovery
+    # scored on each batch; --limit is a seeded, label-stratified sample.
+    loader, name = eval_loader(args.dataset, args.split, size, in_chans, mean, std, args.limit, args.batch_size)
+    correct, total = dict.fromkeys(kinds, 0), 0
+    pm.eval()
+    with torch.no_grad(), tqdm(total=len(loader.dataset), desc="eval", unit="img", file=sys.stderr) as bar:
+        for images, labels in loader:
+            for kind in kinds:
+                if len(kinds) > 1 or pm.recovery != kind:
+                    pm.recover(kind)
+                correct[kind] += int((pm(images).argmax(-1) == labels).sum())
+            total += len(labels)
+            bar.update(len(labels))
+    results = [
+        {"recovery": kind, "accuracy": correct[kind] / max(total, 1), "correct": correct[kind], "total": total}
+        for kind in kinds
+    ]
     if args.json:
         print(json.dumps({"model": args.model, "dataset": name, "split": args.split, "results": results}, indent=2))
         return 0
     sparsity = _pruned_summary(pm)
     print(f"model:    {args.model} ({pm.model.pretrained_cfg.get('architecture')}, {pm.config.method}, {sparsity})")
-    print(f"dataset:  {name} [{args.split}]: {len(labels)} images at {size}x{size}")
+    sample = f" (a seeded sample, stratified by label, of --limit {args.limit})" if args.limit else ""
+    print(f"dataset:  {name} [{args.split}]: {total} images at {size}x{size}{sample}")
     print(f"{'recovery':<12} {'accuracy':>9} {'correct':>12}")
     for row in results:
         print(f"{row['recovery']:<12} {row['accuracy']:>9.2%} {row['correct']:>6}/{row['total']}")
@@ -194,16 +209,6 @@ def _model_image_size(model: torch.nn.Module) -> int:
     if traits.get("img_size"):
         return int(traits["img_size"][-1])
     return int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
-
-
-@torch.no_grad()
-def _count_correct(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> int:
-    model.eval()
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        logits = model(images[start : start + batch_size])
-        correct += int((logits.argmax(-1) == labels[start : start + batch_size]).sum())
-    return correct
 
 
 # ------------------------------------------------------------------------------------------------ prune

@@ -517,7 +517,7 @@ def load_eval_tensors(
 
     ``dataset``: ``"digits"`` (scikit-learn's 8x8 digits, upscaled bilinearly and replicated to ``in_chans``; its
     ``test`` split is the last 360 of the 1,797) or anything ``datasets.load_dataset`` reads. ``limit``: the first
-    N examples only. What ``timm-prune eval`` scores.
+    N examples only. In memory all at once: ``eval_loader`` streams (what ``timm-prune eval`` scores).
     """
     if dataset == "digits":
         from sklearn.datasets import load_digits
@@ -571,3 +571,101 @@ def _load_hf_eval_tensors(
 def _image_label_rows(data: Any, image_col: str, label_col: str) -> Iterator[tuple[Any, Any]]:
     for row in data:
         yield row[image_col], row[label_col]
+
+
+# ================================================================================================ streaming eval
+def sample_indices(labels: Any, limit: int | None, seed: int = 0) -> np.ndarray:
+    """Row indices to evaluate: all of them, or (``limit`` < rows) a seeded random sample stratified by label.
+
+    Each class contributes in proportion to its size (a dataset sorted by label gives every class its share,
+    not the first one's rows); the indices come back sorted, so reading them stays sequential."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    if limit is None or limit >= n:
+        return np.arange(n)
+    if limit < 1:
+        raise ValueError(f"--limit must be >= 1; got {limit}")
+    rng = np.random.default_rng(seed)
+    key = np.empty(n)
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        # Evenly spaced keys per class (random order within it, a random phase per class): the `limit`
+        # smallest keys take about limit * class_size / n rows of each class.
+        key[rows[rng.permutation(len(rows))]] = (np.arange(len(rows)) + rng.random()) / len(rows)
+    return np.sort(np.argsort(key, kind="stable")[:limit])
+
+
+class _EvalImages(torch.utils.data.Dataset):
+    """Rows ``indices`` of an image dataset, each decoded, resized and normalised when the loader asks for it."""
+
+    def __init__(self, read: Callable[[int], tuple[torch.Tensor, int]], indices: np.ndarray) -> None:
+        self.read, self.indices = read, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.read(int(self.indices[i]))
+
+
+def eval_loader(
+    dataset: str,
+    split: str,
+    size: int,
+    in_chans: int,
+    mean: Any,
+    std: Any,
+    limit: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> tuple[torch.utils.data.DataLoader, str]:
+    """``(DataLoader of (images, labels), display name)`` over an evaluation split, decoded batch by batch (the
+    memory is one batch, whatever the split's size). ``limit``: a seeded, label-stratified random sample of that
+    many rows (``sample_indices``). Images are resized to ``size`` x ``size`` as ``load_eval_tensors`` does."""
+    mean_t = torch.tensor(list(mean)[:in_chans] or [0.0], dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(list(std)[:in_chans] or [1.0], dtype=torch.float32).view(-1, 1, 1)
+    if dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32) / 16.0
+        y = torch.tensor(digits.target, dtype=torch.int64)
+        if split == "test":
+            x, y = x[-_DIGITS_TEST:], y[-_DIGITS_TEST:]
+        elif split == "train":
+            x, y = x[:-_DIGITS_TEST], y[:-_DIGITS_TEST]
+        elif split != "all":
+            raise ValueError(f"--split for digits is 'train', 'test' or 'all'; got {split!r}")
+
+        def read(i: int) -> tuple[torch.Tensor, int]:
+            image = torch.nn.functional.interpolate(
+                x[i][None, None], size=(size, size), mode="bilinear", align_corners=False
+            )[0]
+            return (image.expand(in_chans, -1, -1) - mean_t) / std_t, int(y[i])
+
+        indices, name = sample_indices(y.numpy(), limit, seed), "digits (scikit-learn load_digits)"
+    else:
+        import datasets
+        from torchvision.transforms import functional as TF
+
+        try:
+            data = datasets.load_dataset(dataset, split=split)
+        except ValueError as e:  # unknown split: datasets names the available ones
+            raise ValueError(f"cannot load split {split!r} of {dataset!r}: {e}") from e
+        features = data.features
+        image_col = next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
+        label_col = next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+        label_col = label_col or next((k for k in ("label", "labels", "fine_label") if k in features), None)
+        if image_col is None or label_col is None:
+            raise ValueError(f"dataset {dataset!r} needs an Image column and a label column; it has {sorted(features)}")
+        mode = {1: "L", 3: "RGB"}.get(in_chans, "RGB")
+
+        def read(i: int) -> tuple[torch.Tensor, int]:
+            row = data[i]
+            image = TF.to_tensor(row[image_col].convert(mode).resize((size, size)))
+            return (image - mean_t[: image.shape[0]]) / std_t[: image.shape[0]], int(row[label_col])
+
+        indices = sample_indices(data[label_col], limit, seed)
+        name = os.path.basename(os.path.normpath(dataset)) if os.path.isdir(dataset) else dataset
+    loader = torch.utils.data.DataLoader(_EvalImages(read, indices), batch_size=batch_size, shuffle=False)
+    return loader, name

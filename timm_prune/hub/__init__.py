@@ -7,13 +7,14 @@ state and the wrapper, so nothing here imports ``timm_prune.model`` (an import-l
 
 from .files import FileFormatError, HubUnreachableError, SavedState
 from .load import load_state, locate, read_pruning_info
-from .push import push_folder, push_to_hub
+from .push import check_push_access, push_folder, push_to_hub
 from .save import save_pretrained
 
 __all__ = [
     "FileFormatError",
     "HubUnreachableError",
     "SavedState",
+    "check_push_access",
     "load_state",
     "locate",
     "push_folder",

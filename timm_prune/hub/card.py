@@ -129,8 +129,11 @@ def render_card(
             )
             for _, name, value in accuracy
         ]
+    structured = report.get("kind") == "structured"
     card_data = ModelCardData(
-        library_name="timm",
+        # Stock timm cannot build a narrowed (channels removed) model: such a card names the library that loads
+        # it (the body says how: timm_prune.from_pretrained).
+        library_name="timm_prune" if structured else "timm",
         pipeline_tag="image-classification",
         tags=["image-classification", "timm", "timm_prune", "pruning", f"pruning-{config['method']}", "sparse"],
         base_model=base_model if is_repo_id(base_model) else None,
@@ -167,7 +170,7 @@ def render_card(
         save_format=save_format,
         library_version=pruning.get("library_version", "?"),
         # Structured methods (channels removed): their report, else None.
-        structured=report if report.get("kind") == "structured" else None,
+        structured=report if structured else None,
     )
     return str(card)
 

@@ -74,18 +74,38 @@ class FileFormatError(ValueError):
 class HubUnreachableError(OSError):
     """The Hub could not be reached (or the repo read) for ``repo_id``."""
 
-    def __init__(self, repo_id: str, detail: str) -> None:
-        super().__init__(f"could not load {repo_id!r} from the Hugging Face Hub: {detail}")
+    def __init__(self, repo_id: str, detail: str, action: str = "load") -> None:
+        where = "from" if action == "load" else "to"
+        super().__init__(f"could not {action} {repo_id!r} {where} the Hugging Face Hub: {detail}")
         self.repo_id = repo_id
+        self.action = action
 
 
 def is_pickle_name(name: str) -> bool:
     return name.lower().endswith(PICKLE_SUFFIXES)
 
 
-def refuse_pickles(names: Iterable[str], where: str) -> None:
-    """Raise when the only checkpoints on offer are pickles (called once the safetensors file is missing)."""
-    pickles = sorted(n for n in names if is_pickle_name(n))
+def looks_like_pickle(path: str) -> bool:
+    """Whether a file starts as ``torch.save`` output does (a zip archive) or as a pickle (protocol >= 2)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def refuse_pickles(names: Iterable[str], where: str, directory: str | None = None) -> None:
+    """Raise when the only checkpoints on offer are pickles (called once the safetensors file is missing).
+
+    ``directory``: where the names are, on disk; a ``.bin`` file there counts only when its bytes look like a
+    pickle (``.bin`` is also any other binary: a random one is not a "pickle checkpoint")."""
+    pickles = sorted(
+        n
+        for n in names
+        if is_pickle_name(n)
+        and (directory is None or not n.lower().endswith(".bin") or looks_like_pickle(os.path.join(directory, n)))
+    )
     if pickles:
         raise FileFormatError(
             ", ".join(pickles),

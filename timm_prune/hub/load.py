@@ -29,6 +29,7 @@ from .files import (
     HubUnreachableError,
     SavedState,
     is_pickle_name,
+    open_safetensors,
     read_json,
     read_tensors,
     refuse_pickles,
@@ -76,12 +77,12 @@ def locate(
     if not remote:
         if os.path.isfile(text):
             if is_pickle_name(text):
-                refuse_pickles([os.path.basename(text)], f"the path {text}")
+                refuse_pickles([os.path.basename(text)], f"the path {text}", os.path.dirname(text) or ".")
             raise ValueError(f"from_pretrained expects a directory or a Hub id; {text} is a file")
         if not os.path.isdir(text):
             raise FileNotFoundError(f"from_pretrained: no directory {text} (and it is not a Hub id 'user/name')")
         if not os.path.isfile(os.path.join(text, PRUNING_CONFIG_NAME)):
-            refuse_pickles(os.listdir(text), f"the directory {text}")
+            refuse_pickles(os.listdir(text), f"the directory {text}", text)
         return Source(text, f"directory {text}")
     return _download(text, revision, weights, token, cache_dir, local_files_only)
 
@@ -199,7 +200,11 @@ def read_pruning_info(
     """``(pruning_config.json, config.json, where)`` of a saved model, without its weights (CLI ``info``)."""
     source = locate(model_id, revision, weights=False, **hub_kwargs)
     pruning = read_pruning_config(source.directory)
-    return pruning, read_timm_config(source.directory), source.where
+    timm_config = read_timm_config(source.directory)
+    weights = os.path.join(source.directory, pruning["weights_file"])
+    if os.path.isfile(weights):  # a local save (or a cached download): a truncated file is an error here too
+        open_safetensors(weights)  # the header only; safetensors checks it covers the whole file
+    return pruning, timm_config, source.where
 
 
 def load_state(source: Source, recover: bool | str) -> SavedState:
@@ -219,7 +224,7 @@ def load_state(source: Source, recover: bool | str) -> SavedState:
     weights_name = pruning["weights_file"]
     weights_path = os.path.join(directory, weights_name)
     if not os.path.isfile(weights_path):
-        refuse_pickles(os.listdir(directory), source.where)
+        refuse_pickles(os.listdir(directory), source.where, directory)
     tensors, metadata = read_tensors(weights_path)
     compact_masks: dict[str, torch.Tensor] = {}
     if pruning["save_format"] == "compact":

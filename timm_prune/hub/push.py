@@ -82,9 +82,29 @@ def push_folder(
             commit_message=commit_message or "Upload timm_prune model",
             revision=revision,
         )
-    except transport_errors() as e:  # HTTP errors (403, 404, ...) already name the repo: let them through
-        raise HubUnreachableError(repo_id, f"{type(e).__name__}: {e}") from e
+    except push_errors() as e:
+        raise HubUnreachableError(repo_id, f"{type(e).__name__}: {e}", action="push") from e
     return info.commit_url
+
+
+def push_errors() -> tuple[type[BaseException], ...]:
+    """What a failed upload raises: the Hub not reached, or an HTTP error answer (401, 403, ...)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return (*transport_errors(), HfHubHTTPError)
+
+
+def check_push_access(repo_id: str, *, private: bool = False, token: str | bool | None = None) -> str:
+    """Create ``repo_id`` (or find it) now, so that a run that will push at its end fails before it trains.
+
+    Returns the repo URL; raises ``HubUnreachableError`` ("could not push ...") when the Hub is not reached,
+    the token is refused or the repo cannot be created."""
+    from huggingface_hub import HfApi
+
+    try:
+        return str(HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True))
+    except push_errors() as e:
+        raise HubUnreachableError(repo_id, f"{type(e).__name__}: {e}", action="push") from e
 
 
 def is_main_process() -> bool:

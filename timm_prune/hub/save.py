@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -58,6 +58,9 @@ def save_pretrained(
     model_args: dict[str, Any] | None = None,
     repo_id: str | None = None,
     card_template: str | os.PathLike | None = None,
+    data_config: dict[str, Any] | None = None,
+    label_names: Sequence[str] | None = None,
+    pretrained: bool | None = None,
 ) -> str:
     """Write ``state`` to ``save_directory`` (files in the module docstring); returns the directory.
 
@@ -73,21 +76,44 @@ def save_pretrained(
             changes timm's factory did not record (it records ``img_size``, ``in_chans`` and the like).
         repo_id: the Hub id used in the card's usage snippets (``push_to_hub`` passes it).
         card_template: a Jinja model-card template replacing ``timm_prune/hub/templates/model_card.md``.
+        data_config: the preprocessing the model was trained / evaluated with (timm's ``resolve_data_config``
+            keys: ``input_size``, ``crop_pct``, ``crop_mode``, ``interpolation``, ``mean``, ``std``). It replaces
+            the architecture's defaults in ``config.json``'s ``pretrained_cfg``, which is what stock
+            ``timm.data.resolve_data_config``, transformers' ``TimmWrapperImageProcessor`` and
+            ``timm-prune eval`` read. Default: the model's own ``pretrained_cfg``.
+        label_names: one name per class (timm's ``label_names``; transformers' ``id2label``); ignored unless
+            there is one per output class.
+        pretrained: ``False``: the weights did not start from the architecture's pretrained checkpoint, so
+            ``config.json`` names no checkpoint tag and ``base_model`` defaults to none. ``None``: unknown
+            (the model's ``pretrained_cfg`` is trusted).
     """
     target = os.path.abspath(os.fspath(save_directory))
     if os.path.exists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"save_pretrained: {target} exists and is not a directory")
-    writers = _prepare(state, save_format, base_model, model_args, repo_id or _placeholder_repo(target), card_template)
+    data = {"data_config": data_config, "label_names": label_names, "pretrained": pretrained}
+    writers = _prepare(
+        state, save_format, base_model, model_args, repo_id or _placeholder_repo(target), card_template, **data
+    )
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=parent)
     try:
+        # mkdtemp makes a private (0700) folder; a model is meant to be shared: the user's umask decides.
+        umask = _umask()
+        os.chmod(staging, 0o777 & ~umask)
         for name, write in writers.items():
             write(os.path.join(staging, name))
+            os.chmod(os.path.join(staging, name), 0o666 & ~umask)
         _move_into_place(staging, target, set(writers))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _placeholder_repo(target: str) -> str:
@@ -114,13 +140,16 @@ def _prepare(
     model_args: dict[str, Any] | None,
     repo_id: str,
     card_template: str | os.PathLike | None,
+    data_config: dict[str, Any] | None = None,
+    label_names: Sequence[str] | None = None,
+    pretrained: bool | None = None,
 ) -> dict[str, Callable[[str], None]]:
     """Everything save_pretrained writes, computed and validated; returns ``{filename: writer(path)}``."""
     if save_format not in SAVE_FORMATS:
         raise ValueError(f"save_format must be one of {sorted(SAVE_FORMATS)}; got {save_format!r}")
     merged = state.model  # only read below
     state_dict = _cpu_state_dict(merged)
-    timm_config = _timm_config(merged, model_args)
+    timm_config = _timm_config(merged, model_args, data_config, label_names, pretrained)
     _check_rebuild(timm_config, state_dict, state.structure)
 
     masks = {name: keep.detach().cpu() for name, keep in state.masks.items()}
@@ -132,7 +161,7 @@ def _prepare(
     kinds = sorted({kind for by_kind in stats.values() for kind in by_kind if kind in RECOVERY_KINDS})
     cfg = getattr(merged, "pretrained_cfg", {}) or {}
     if base_model is None:
-        base_model = state.base_model or cfg.get("hf_hub_id")
+        base_model = state.base_model or (None if pretrained is False else cfg.get("hf_hub_id"))
 
     pruning = {
         "schema_version": SCHEMA_VERSION,
@@ -201,8 +230,23 @@ def _cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _timm_config(model: torch.nn.Module, model_args: dict[str, Any] | None) -> dict[str, Any]:
+# pretrained_cfg entries that describe the architecture's published checkpoint, not the saved weights.
+_CHECKPOINT_KEYS = ("tag", "hf_hub_id", "url", "file", "license", "origin_url", "paper_ids", "paper_name", "notes")
+_DATA_CONFIG_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
+
+
+def _timm_config(
+    model: torch.nn.Module,
+    model_args: dict[str, Any] | None,
+    data_config: dict[str, Any] | None = None,
+    label_names: Sequence[str] | None = None,
+    pretrained: bool | None = None,
+) -> dict[str, Any]:
     """timm's own config.json for ``model``, made loadable by transformers as well.
+
+    ``data_config`` (the preprocessing actually used) replaces the architecture's defaults in
+    ``pretrained_cfg``; ``label_names`` go where timm and transformers read them (top level: timm moves them
+    into ``pretrained_cfg`` on load, transformers makes ``id2label`` of them).
 
     timm writes ``num_classes`` both at the top level and in ``model_args``; transformers' TimmWrapper passes
     ``num_classes=config.num_labels`` and ``**model_args`` to ``timm.create_model`` and fails with "multiple
@@ -210,11 +254,18 @@ def _timm_config(model: torch.nn.Module, model_args: dict[str, Any] | None) -> d
     """
     from timm.models._hub import save_config_for_hf
 
+    data = {k: data_config[k] for k in _DATA_CONFIG_KEYS if data_config and data_config.get(k) is not None}
+    extra: dict[str, Any] = {}
+    if label_names is not None and len(label_names) == getattr(model, "num_classes", None):
+        extra["label_names"] = [str(name) for name in label_names]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, CONFIG_NAME)
-        save_config_for_hf(model, path, model_args=model_args)
+        save_config_for_hf(model, path, model_config=extra or None, model_args=model_args, data_config=data or None)
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
+    if pretrained is False:  # trained from scratch: the architecture's checkpoint was never used
+        for key in _CHECKPOINT_KEYS:
+            config["pretrained_cfg"].pop(key, None)
     args = config.get("model_args") or {}
     args.pop("num_classes", None)
     if args:

@@ -94,7 +94,7 @@ class PofOptions:
 
     # Training calls of penalty() over which its weight ramps linearly from 0 to penalty_weight.
     penalty_warmup: int = 0
-    # Re-select the candidate set every this many training calls (1: every step, about 1.6x the cost of 10).
+    # Re-select the candidate set every this many training calls (1: every step, ~1.5x the step time of 10).
     threshold_refresh: int = 10
     # Per-layer ranking: "direction" (|u|, each unit on equal footing) or "weight" (|g * u|).
     criterion: str = "direction"
