@@ -177,8 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--cpu", type=str2bool, nargs="?", const=True, default=False, help="force CPU")
     g = p.add_argument_group("checkpoints, logs, outputs")
-    g.add_argument("--output_dir", type=str, default=None, help="default: runs/<dataset>-<model>-<method>-<pct>")
+    g.add_argument(
+        "--output_dir",
+        type=str,
+        default=None,
+        help="default: runs/<dataset>-<model>-<method>-<sparsity %% | flops<%%> | NofM> from the settings used",
+    )
+    g.add_argument(
+        "--overwrite_output_dir",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="write into a non-empty --output_dir (its old logs/metrics.jsonl and checkpoints/ are removed); "
+        "without it such a folder is refused unless --resume_from_checkpoint continues its run",
+    )
     g.add_argument("--checkpointing_steps", type=str, default=None, help="an integer N (every N steps) or 'epoch'")
+    g.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints (default: all)"
+    )
     g.add_argument("--resume_from_checkpoint", type=str, default=None, help="a checkpoint dir, or 'latest'")
     g.add_argument("--report_to", type=str, default="tensorboard,jsonl", help="tensorboard, jsonl, all or none")
     g.add_argument("--push_to_hub", type=str2bool, nargs="?", const=True, default=False)
@@ -224,15 +241,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.sparsity is None:  # an N:M pattern fixes the sparsity at 1 - N/M (PruneConfig checks the pattern)
         nm = args.pattern and args.pattern.split(":")
         args.sparsity = 1 - int(nm[0]) / int(nm[1]) if nm and len(nm) == 2 and all(p.isdigit() for p in nm) else 0.7
-    if args.output_dir is None:
-        dataset = os.path.basename(os.path.normpath(args.dataset)) or "data"
-        model = args.model.split(":")[-1].replace("/", "_")
-        args.output_dir = os.path.join("runs", f"{dataset}-{model}-{args.method}-{round(args.sparsity * 100)}")
     # Presets fill only what neither the command line nor the YAML set (those flags default to None).
     for preset in (DATASET_PRESETS.get(args.dataset, {}), METHOD_RECIPE_DEFAULTS.get(args.method, {})):
         for key, value in preset.items():
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
+    if args.output_dir is None:
+        args.output_dir = default_output_dir(args)
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error(f"--checkpoints_total_limit must be >= 1; got {args.checkpoints_total_limit}")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
             parser.error(f"--checkpointing_steps must be a positive integer or 'epoch'; got {args.checkpointing_steps}")
@@ -242,6 +259,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.epochs < 0:
         parser.error(f"--epochs must be >= 0 (0: no training); got {args.epochs}")
     return args
+
+
+def default_output_dir(args: argparse.Namespace) -> str:
+    """``runs/<dataset>-<model>-<method>-<goal>``, the goal being what the run actually prunes to: the FLOPs
+    target of a structured method that has one (``flops50``), an N:M pattern (``2of4``), else the sparsity in
+    percent (``70``, ``87.5``), with the method's own defaults filled in."""
+    dataset = os.path.basename(os.path.normpath(args.dataset)) or "data"
+    model = args.model.split(":")[-1].replace("/", "_")
+    try:
+        config = prune_config_from_args(args)
+    except (ValueError, TypeError):  # reported with the other argument errors, before anything is written
+        config = None
+    flops_target = getattr(config, "flops_target", None) if config is not None else None
+    sparsity = config.sparsity if config is not None and config.sparsity is not None else args.sparsity
+    if flops_target is not None:
+        goal = f"flops{100 * flops_target:g}" if flops_target < 1 else f"{flops_target:g}mflops"
+    elif args.pattern:
+        goal = args.pattern.replace(":", "of")
+    else:
+        goal = f"{100 * sparsity:.4g}"
+    return os.path.join("runs", f"{dataset}-{model}-{args.method}-{goal}")
 
 
 def prune_config_from_args(args: argparse.Namespace) -> timm_prune.PruneConfig:

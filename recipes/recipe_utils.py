@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from typing import Any
 
 import timm
@@ -81,6 +82,14 @@ def check_model_name(name: str) -> None:
     )
 
 
+def dataset_name(dataset: str) -> str:
+    """How a run names its dataset: a local folder by its own name (not the relative path it was given),
+    anything else (a Hub id, a built-in name) as given."""
+    if os.path.exists(dataset):
+        return os.path.basename(os.path.normpath(os.path.abspath(dataset))) or dataset
+    return dataset
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
@@ -110,12 +119,71 @@ def restore_batchnorm_state(model: nn.Module, state: dict[str, torch.Tensor]) ->
         getattr(model.get_submodule(module_name), buf_name).copy_(value)
 
 
+def _checkpoints_oldest_first(folder: str) -> list[os.DirEntry]:
+    entries = [e for e in os.scandir(folder) if e.is_dir()] if os.path.isdir(folder) else []
+    # Saving order; the step / epoch number breaks ties of coarse file-system clocks.
+    return sorted(entries, key=lambda e: (e.stat().st_mtime, _trailing_int(e.name)))
+
+
+def _trailing_int(name: str) -> int:
+    tail = name.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
 def latest_checkpoint(output_dir: str) -> str:
     folder = os.path.join(output_dir, "checkpoints")
-    entries = [e for e in os.scandir(folder) if e.is_dir()] if os.path.isdir(folder) else []
+    entries = _checkpoints_oldest_first(folder)
     if not entries:
         raise ValueError(f"--resume_from_checkpoint latest: no checkpoint under {folder!r}")
-    return max(entries, key=lambda e: e.stat().st_mtime).path
+    return entries[-1].path
+
+
+def prune_checkpoints(folder: str, limit: int) -> list[str]:
+    """Delete all but the newest ``limit`` checkpoint folders under ``folder``; returns the deleted paths."""
+    entries = _checkpoints_oldest_first(folder)
+    removed = [e.path for e in entries[: max(len(entries) - limit, 0)]]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+# What a run writes into its output folder; a folder holding any of these holds an earlier run.
+RUN_OUTPUTS = (
+    "config.json",
+    "model.safetensors",
+    "model_compact.safetensors",
+    "pruning_config.json",
+    "mean_recovery.safetensors",
+    "metrics.json",
+    "logs",
+    "checkpoints",
+)
+
+
+def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> None:
+    """transformers' examples rule: an output folder that already holds a run is refused unless this run
+    resumes it or ``--overwrite_output_dir`` is given. Raises ``ValueError``; nothing is written.
+
+    Files of the caller's own (a launcher's ``train.log``) do not count: only what a run writes does."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir!r} exists and is not a directory")
+    if resume or overwrite or not os.path.isdir(output_dir):
+        return
+    found = sorted(set(os.listdir(output_dir)) & set(RUN_OUTPUTS))
+    if found:
+        raise ValueError(
+            f"--output_dir {output_dir!r} already holds a run ({', '.join(found)}); pass --overwrite_output_dir to "
+            "write into it, --resume_from_checkpoint latest to continue it, or another --output_dir"
+        )
+
+
+def clear_previous_run(output_dir: str) -> None:
+    """What an overwritten run must not inherit: the old run's log lines and checkpoints (``latest`` and
+    ``--checkpoints_total_limit`` would count them). The saved model files are replaced when this run saves."""
+    log = os.path.join(output_dir, "logs", "metrics.jsonl")
+    if os.path.isfile(log):
+        os.remove(log)
+    shutil.rmtree(os.path.join(output_dir, "checkpoints"), ignore_errors=True)
 
 
 def scalar_logs(values: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -38,7 +38,11 @@ from recipe_utils import (
     TrainState,
     batchnorm_state,
     check_model_name,
+    check_output_dir,
+    clear_previous_run,
+    dataset_name,
     latest_checkpoint,
+    prune_checkpoints,
     restore_batchnorm_state,
     results_table,
     scalar_logs,
@@ -49,7 +53,13 @@ from timm.scheduler import create_scheduler_v2
 from tqdm.auto import tqdm
 
 import timm_prune
-from timm_prune.data import ImageClassificationDataset, create_loader, create_transforms, load_image_splits
+from timm_prune.data import (
+    ImageClassificationDataset,
+    create_loader,
+    create_transforms,
+    load_image_splits,
+    tensor_datasets,
+)
 
 
 def _use_cpu(args: argparse.Namespace) -> bool:
@@ -85,6 +95,35 @@ def evaluate(model: torch.nn.Module, loader: Any, accelerator: Accelerator) -> f
     return correct / max(total, 1)
 
 
+def use_tensor_pipeline(args: argparse.Namespace, splits: Any) -> bool:
+    """--data_pipeline auto: the tensor pipeline when the decoded train split fits the memory bound."""
+    if args.data_pipeline != "auto":
+        return args.data_pipeline == "tensor"
+    first = splits.train[0][splits.image_column]
+    width, height = first.size if hasattr(first, "size") and not callable(first.size) else (0, 0)
+    decoded_gb = 2 * 3 * width * height * (len(splits.train) + len(splits.validation)) / 1e9
+    return 0 < decoded_gb <= args.tensor_pipeline_max_gb
+
+
+def pruning_goal(config: timm_prune.PruneConfig) -> str:
+    """What the run prunes to, in words: a FLOPs target, an N:M pattern, or a sparsity."""
+    flops_target = getattr(config, "flops_target", None)
+    if flops_target is not None:
+        return f"to {flops_target:g} of the FLOPs" if flops_target < 1 else f"to {flops_target:g} MFLOPs"
+    if getattr(config, "pattern", None):
+        return f"at {config.pattern} sparsity"
+    return f"at sparsity {config.sparsity:g}" if config.sparsity is not None else ""
+
+
+def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, name: str) -> None:
+    """``save_state`` into ``checkpoints/<name>``, then keep only the newest ``--checkpoints_total_limit``."""
+    accelerator.save_state(os.path.join(args.output_dir, "checkpoints", name))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        prune_checkpoints(os.path.join(args.output_dir, "checkpoints"), args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+
+
 def _fail(message: str) -> None:
     # A one-line error (no traceback) names the problem; every process exits the same way.
     print(f"error: {message}", file=sys.stderr, flush=True)
@@ -96,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     try:
         trackers = _trackers(args)
+        # Before Accelerator(): every process checks before any of them can write (its set-up waits for all).
+        check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     except ValueError as e:
         _fail(str(e))
     accelerator = Accelerator(
@@ -103,7 +144,10 @@ def main(argv: list[str] | None = None) -> None:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=trackers or None,
         project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
+            project_dir=args.output_dir,
+            logging_dir=os.path.join(args.output_dir, "logs"),
+            # Accelerate applies total_limit to its automatic names only; save_checkpoint() enforces it here.
+            total_limit=args.checkpoints_total_limit,
         ),
         # Same shuffling on every process and after a resume: the order depends on (seed, epoch) only.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
@@ -139,22 +183,43 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such directory")
     except ValueError as e:
         _fail(str(e))
+    if args.push_to_hub:  # a run that will push checks the Hub now, not after training (every rank fails alike)
+        problem = None
+        if accelerator.is_main_process:
+            try:
+                timm_prune.hub.check_push_access(hub_repo_id(args), private=args.hub_private)
+            except timm_prune.HubUnreachableError as e:
+                problem = f"--push_to_hub: {e}"
+        problem = next((p for p in gather_object([problem]) if p), None)
+        if problem:
+            _fail(problem)
 
-    augment = {"none": args.augment == "none", "hflip": args.hflip, "scale": tuple(args.scale) if args.scale else None}
+    augment = {
+        "none": args.augment == "none",
+        "hflip": args.hflip,
+        "scale": tuple(args.scale) if args.scale else None,
+        "color_jitter": args.color_jitter,
+    }
     train_tf, eval_tf, data_config = create_transforms(model, args.img_size, args.crop_pct, augment)
-    image_col, label_col = splits.image_column, splits.label_column
-    train_set = ImageClassificationDataset(splits.train, image_col, label_col, train_tf, seed=args.seed)
-    eval_set = ImageClassificationDataset(splits.validation, image_col, label_col, eval_tf)
+    if use_tensor_pipeline(args, splits):
+        with accelerator.main_process_first():
+            train_set, eval_set, bn_set = tensor_datasets(splits, data_config, augment, args.seed)
+    else:
+        image_col, label_col = splits.image_column, splits.label_column
+        train_set = ImageClassificationDataset(splits.train, image_col, label_col, train_tf, seed=args.seed)
+        eval_set = ImageClassificationDataset(splits.validation, image_col, label_col, eval_tf)
+        bn_set = ImageClassificationDataset(splits.train, image_col, label_col, eval_tf)
     train_loader = create_loader(train_set, args.batch_size, True, args.num_workers)
     eval_loader = create_loader(eval_set, args.eval_batch_size or 2 * args.batch_size, False, args.num_workers)
     # BatchNorm re-estimation: the same un-sharded, un-augmented batches on every process, so the
     # re-estimated statistics (and everything evaluated with them) agree across ranks.
-    bn_set = ImageClassificationDataset(splits.train, image_col, label_col, eval_tf)
-    bn_loader = torch.utils.data.DataLoader(
-        bn_set, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
-    )
+    bn_loader = create_loader(bn_set, args.batch_size, True, 0, generator=torch.Generator().manual_seed(args.seed))
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
 
     if accelerator.is_main_process:
+        if args.overwrite_output_dir and not args.resume_from_checkpoint:
+            clear_previous_run(args.output_dir)  # an old run's log lines and checkpoints are not this run's
         os.makedirs(args.output_dir, exist_ok=True)
     accelerator.wait_for_everyone()
     run_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
@@ -197,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.print(
         f"{args.model} on {args.dataset} ({len(splits.train)} train / {len(splits.validation)} "
         f"{splits.validation_source} images, {num_classes} classes, input {data_config['input_size']}), "
-        f"method {prune_config.method} at sparsity {prune_config.sparsity}, {len(pm.targets)} target layers, "
+        f"method {prune_config.method} {pruning_goal(prune_config)}, {len(pm.targets)} target layers, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, {total_steps} optimizer steps"
     )
     progress = tqdm(
@@ -243,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
                 accelerator.log(scalar_logs(step_logs), step=state.completed_steps)
             step_checkpoint = args.checkpointing_steps not in (None, "epoch")
             if step_checkpoint and state.completed_steps % int(args.checkpointing_steps) == 0:
-                accelerator.save_state(os.path.join(args.output_dir, "checkpoints", f"step_{state.completed_steps}"))
+                save_checkpoint(accelerator, args, f"step_{state.completed_steps}")
                 if args.stop_after_step is not None and state.completed_steps >= args.stop_after_step:
                     stop_now = True
                     break
@@ -277,12 +342,14 @@ def main(argv: list[str] | None = None) -> None:
         state.start_epoch(epoch + 1)
         accelerator.log(record, step=record["step"])
         if accelerator.is_local_main_process:
+            # Penalty and candidate energy only for methods that have them (AutoBot trains its weights plainly).
+            penalty_text = f" penalty {train_penalty:.5f}" if (prune_config.penalty_weight or 0) > 0 else ""
+            energy_text = f" candidate energy {record['candidate_energy_mean']:.4f}" if energy else ""
             progress.write(
-                f"epoch {epoch}: loss {train_loss:.4f} penalty {train_penalty:.5f} "
-                f"candidate energy {record['candidate_energy_mean']:.4f} val acc {100 * accuracy:.2f}%"
+                f"epoch {epoch}: loss {train_loss:.4f}{penalty_text}{energy_text} val acc {100 * accuracy:.2f}%"
             )
         if args.checkpointing_steps == "epoch":
-            accelerator.save_state(os.path.join(args.output_dir, "checkpoints", f"epoch_{epoch}"))
+            save_checkpoint(accelerator, args, f"epoch_{epoch}")
     progress.close()
 
     if stop_now:
@@ -290,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return
-    finish(args, accelerator, model, pm, eval_loader, bn_loader, state, started, splits)
+    finish(args, accelerator, model, pm, eval_loader, bn_loader, state, started, splits, data_config)
 
 
 def finish(
@@ -303,6 +370,7 @@ def finish(
     state: TrainState,
     started: float,
     splits: Any,
+    data_config: dict[str, Any],
 ) -> None:
     """Prune, evaluate every variant, check ranks agree, save (and push) from the main process."""
     accuracy = {"dense": evaluate(pm, eval_loader, accelerator)}
@@ -347,7 +415,7 @@ def finish(
         raise RuntimeError(f"processes disagree on the pruned model: {all_hashes}")
 
     metrics = {f"accuracy_{name}": value for name, value in accuracy.items()}
-    metrics.update(dataset=args.dataset, num_processes=world)
+    metrics.update(dataset=dataset_name(args.dataset), num_processes=world)
     rows = [("dense (trained)", accuracy["dense"]), ("pruned", accuracy["pruned"])]
     if recovery != "none":
         rows.append((f"pruned + {recovery} recovery", accuracy.get("recovered")))
@@ -369,14 +437,24 @@ def finish(
         footer = f"measured sparsity of the targeted weights: {100 * report.sparsity:.2f}%"
     pm.metrics.update(metrics)
     table = results_table(rows, footer, title)
-    hub_url = None
+    hub_url = push_error = None
     if accelerator.is_main_process:
         # model_args: create_model kwargs timm's config.json would not record (e.g. a ViT's patch_size).
         model_args = args.model_kwargs or None
-        pm.save_pretrained(args.output_dir, model_args=model_args)
+        # What the model was trained with goes into config.json's pretrained_cfg (timm, transformers and
+        # `timm-prune eval` read it); a model trained from scratch names no ImageNet checkpoint.
+        save_kwargs = {
+            "model_args": model_args,
+            "data_config": data_config,
+            "label_names": splits.class_names,
+            "pretrained": bool(args.pretrained),
+        }
+        pm.save_pretrained(args.output_dir, **save_kwargs)
         if args.push_to_hub:
-            repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-            hub_url = pm.push_to_hub(repo_id, private=args.hub_private, model_args=model_args)
+            try:
+                hub_url = pm.push_to_hub(hub_repo_id(args), private=args.hub_private, **save_kwargs)
+            except timm_prune.HubUnreachableError as e:  # every local output is kept; the table still prints
+                push_error = " ".join(str(e).split())  # one line, whatever the HTTP error's text
         summary = {
             "final": metrics,
             "history": state.history,
@@ -390,6 +468,7 @@ def finish(
             "validation_images": len(splits.validation),
             "wall_time_s": round(time.time() - started, 1),
             "hub_url": hub_url,
+            "hub_error": push_error,
         }
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
             json.dump(summary, f, indent=2, default=str)
@@ -397,6 +476,18 @@ def finish(
     accelerator.print(f"\n{table}\nsaved to {args.output_dir}" + (f", pushed: {hub_url}" if hub_url else ""))
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if push_error:
+        print(
+            f"error: the push failed ({push_error}); the model is saved in {args.output_dir}; retry with: "
+            f"timm-prune push {args.output_dir} {hub_repo_id(args)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(1)
+
+
+def hub_repo_id(args: argparse.Namespace) -> str:
+    return args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
 
 
 def _repeat(loader: Any) -> Any:
