@@ -83,11 +83,12 @@ def _trackers(args: argparse.Namespace) -> list[Any]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Any, accelerator: Accelerator) -> float:
+def evaluate(model: torch.nn.Module, loader: Any, accelerator: Accelerator, desc: str = "eval") -> float:
     """Top-1 accuracy over the whole validation set, gathered from every process (duplicates dropped)."""
     model.eval()
     correct, total = 0, 0
-    for images, labels in loader:
+    # A bar on the main process only: evaluating every variant of a large validation set takes minutes.
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         predictions = model(images).argmax(dim=-1)
         predictions, labels = accelerator.gather_for_metrics((predictions, labels))
         correct += int((predictions == labels).sum())
@@ -373,7 +374,7 @@ def finish(
     data_config: dict[str, Any],
 ) -> None:
     """Prune, evaluate every variant, check ranks agree, save (and push) from the main process."""
-    accuracy = {"dense": evaluate(pm, eval_loader, accelerator)}
+    accuracy = {"dense": evaluate(pm, eval_loader, accelerator, "eval dense")}
     structured = pm.pruner.structured
     if pm.pruner.needs_calibration:
         # Methods that prepare prune() on data (AutoBot trains its gates) do it on the trained model, on the same
@@ -382,7 +383,11 @@ def finish(
         calibration_batches = create_loader(
             bn_loader.dataset, batch_size, True, 0, generator=torch.Generator().manual_seed(args.seed)
         )
-        logs = pm.calibrate(_repeat(calibration_batches))
+        total = getattr(pm.config, "num_batches", None) or getattr(pm.config, "calibration_batches", None)
+        with tqdm(
+            desc=f"calibrate ({pm.config.method})", total=total, disable=not accelerator.is_local_main_process
+        ) as bar:
+            logs = pm.calibrate(_counted(_repeat(calibration_batches), bar))
         # Per-step series (AutoBot: loss, ce, flops_ratio, mean_gate) as first -> last; scalars as they are.
         series = {k: v for k, v in logs.items() if isinstance(v, list) and v}
         steps = max((len(v) for v in series.values()), default=0)
@@ -390,18 +395,18 @@ def finish(
         summary += [f"{k} {v}" for k, v in logs.items() if k not in series]
         accelerator.print(f"calibration ({pm.config.method}): {steps} steps" + "".join(f", {s}" for s in summary))
     report = pm.prune()
-    accuracy["pruned"] = evaluate(pm, eval_loader, accelerator)
+    accuracy["pruned"] = evaluate(pm, eval_loader, accelerator, "eval pruned")
     # Recovery fills masked entries; a structured method leaves none (its channels are gone).
     recovery = "none" if structured else pm.config.recovery
     if recovery != "none":
         pm.recover()
-        accuracy["recovered"] = evaluate(pm, eval_loader, accelerator)
+        accuracy["recovered"] = evaluate(pm, eval_loader, accelerator, "eval recovered")
     # The data-using reference: BatchNorm statistics re-estimated for the pruned (unrecovered) weights.
     # It is undone afterwards: the saved model is the data-free one (pruned + the configured recovery).
     saved_bn = batchnorm_state(pm)
     pm.recover("none")
     bn_used = pm.recalibrate_batchnorm(bn_loader, num_batches=args.bn_batches)
-    accuracy["bn_recalibrated"] = evaluate(pm, eval_loader, accelerator) if bn_used else None
+    accuracy["bn_recalibrated"] = evaluate(pm, eval_loader, accelerator, "eval BN re-estimated") if bn_used else None
     restore_batchnorm_state(pm, saved_bn)
     if recovery != "none":
         pm.recover()
@@ -488,6 +493,13 @@ def finish(
 
 def hub_repo_id(args: argparse.Namespace) -> str:
     return args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+
+
+def _counted(batches: Any, bar: Any) -> Any:
+    """``batches``, ticking ``bar`` once per batch the method takes."""
+    for batch in batches:
+        yield batch
+        bar.update(1)
 
 
 def _repeat(loader: Any) -> Any:

@@ -27,7 +27,10 @@ from test_recipe import TINY, check_ok, launch  # noqa: E402
 def test_run_saves_its_data_config_limits_checkpoints_and_refuses_to_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "run"
     flags = [*TINY, "--max_train_steps", "4", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"]
-    check_ok(launch([*flags, "--output_dir", str(out)], tmp_path))
+    result = launch([*flags, "--output_dir", str(out)], tmp_path)
+    check_ok(result)
+    # Item 6: the evaluations after training show progress bars (main process, stderr).
+    assert all(f"eval {name}" in result.stderr for name in ("dense", "pruned", "recovered")), result.stderr[-2000:]
 
     # Item 1: config.json says what the model was trained with, and names no checkpoint it never used.
     config = json.loads((out / "config.json").read_text())
