@@ -87,6 +87,11 @@ class StructuredReport:
     threshold: float  # the global gate threshold (channels with a lower gate were removed)
     groups: list[dict[str, Any]] = field(default_factory=list)  # {"root", "channels", "kept"}
     planned_flops: float | None = None  # what selection computed; equals flops_after when the count is exact
+    # Interleaved dense / pruned rounds (measure.paired_latency): median speed-up and its quartiles.
+    speedup_median: float | None = None
+    speedup_q1: float | None = None
+    speedup_q3: float | None = None
+    latency_threads: int | None = None
     kind: str = "structured"
 
     @property
@@ -95,6 +100,8 @@ class StructuredReport:
 
     @property
     def speedup(self) -> float | None:
+        if self.speedup_median is not None:
+            return self.speedup_median
         if not self.latency_ms_before or not self.latency_ms_after:
             return None
         return self.latency_ms_before / self.latency_ms_after
@@ -117,7 +124,13 @@ class StructuredReport:
             f"  params  {self.params_before:,} -> {self.params_after:,} ({self.params_after / self.params_before:.1%})",
             f"  FLOPs   {self.flops_before / 1e6:.2f} -> {self.flops_after / 1e6:.2f} M ({self.flops_ratio:.1%}; "
             "2 x MACs, FlopCounterMode)",
-            f"  latency {lat(self.latency_ms_before)} -> {lat(self.latency_ms_after)} (CPU, batch 1, median)",
+            f"  latency {lat(self.latency_ms_before)} -> {lat(self.latency_ms_after)} (CPU, batch 1, median)"
+            + (
+                f"; speed-up x{self.speedup_median:.2f} (quartiles {self.speedup_q1:.2f}-{self.speedup_q3:.2f}, "
+                f"interleaved rounds, {self.latency_threads} thread(s), torch.utils.benchmark)"
+                if self.speedup_median is not None
+                else ""
+            ),
             f"  gate threshold {self.threshold:.4f}; {len(self.groups)} channel groups:",
         ]
         width = max((len(g["root"]) for g in self.groups), default=0)

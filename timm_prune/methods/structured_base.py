@@ -11,6 +11,7 @@ Options shared by structured methods (``StructuredOptions``): ``flops_target``, 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,7 +20,7 @@ import torch.nn as nn
 
 from ..reports import StructuredReport
 from ..structured.graph import ChannelGraph, trace_channels
-from ..structured.measure import count_params, measure_latency
+from ..structured.measure import count_params, paired_latency
 from ..structured.record import snapshot, structure_diff
 from ..structured.removal import remove_channels, remove_or_roll_back, warn_if_off_plan
 from .base import PruneMethod, check_input_size, is_int, is_number
@@ -135,7 +136,8 @@ class StructuredMethod(PruneMethod):
         model.eval()
         self.detach_for_removal()
         params_before, flops_before = count_params(model), state.flops.dense
-        latency_before = measure_latency(model, example, runs) if runs else None
+        # A dense copy to time against the narrowed model, interleaved (measure.paired_latency).
+        dense_copy = copy.deepcopy(model) if runs else None
         before = snapshot(model)
 
         def on_rollback() -> None:
@@ -149,7 +151,8 @@ class StructuredMethod(PruneMethod):
         )
         planned = state.flops.keep_flops(keep)
         warn_if_off_plan(self.name, model, flops_after, planned)
-        latency_after = measure_latency(model, example, runs) if runs else None
+        latency = paired_latency(dense_copy, model, example, runs) if dense_copy is not None else {}
+        del dense_copy
         model.train(was_training)
         self._structure = structure_diff(before, model)
         self._graph = None
@@ -164,8 +167,12 @@ class StructuredMethod(PruneMethod):
             params_after=count_params(model),
             flops_before=flops_before,
             flops_after=flops_after,
-            latency_ms_before=latency_before,
-            latency_ms_after=latency_after,
+            latency_ms_before=latency.get("dense_ms"),
+            latency_ms_after=latency.get("pruned_ms"),
+            speedup_median=latency.get("speedup"),
+            speedup_q1=latency.get("speedup_q1"),
+            speedup_q3=latency.get("speedup_q3"),
+            latency_threads=latency.get("threads"),
             groups=rows,
             planned_flops=planned,
             **extra,

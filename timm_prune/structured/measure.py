@@ -126,6 +126,40 @@ def measure_latency(model: nn.Module, example: torch.Tensor, runs: int = 10) -> 
     return statistics.median(times)
 
 
+def paired_latency(
+    dense: nn.Module, pruned: nn.Module, example: torch.Tensor, runs: int = 10, threads: int = 1
+) -> dict:
+    """Batch-1 CPU latency of ``dense`` and ``pruned``, measured the way the field does (``torch.utils.benchmark``,
+    a fixed thread count), interleaved: ``runs`` rounds each time both models (in alternating order), so that load
+    from other processes hits both sides of each ratio alike. Returns the median milliseconds of each and the
+    median, first and third quartile of the per-round speed-ups (dense / pruned)."""
+    from torch.utils import benchmark
+
+    x = example[:1].detach().cpu()
+    timers = {
+        name: benchmark.Timer(stmt="model(x)", globals={"model": model.cpu(), "x": x}, num_threads=threads)
+        for name, model in (("dense", dense), ("pruned", pruned))
+    }
+    times: dict[str, list[float]] = {"dense": [], "pruned": []}
+    with torch.inference_mode():
+        for name in timers:  # warm-up (allocator, one-off kernel selection)
+            timers[name].timeit(2)
+        for i in range(runs):
+            for name in ("dense", "pruned") if i % 2 == 0 else ("pruned", "dense"):
+                times[name].append(1000 * timers[name].timeit(1).median)
+    ratios = sorted(d / p for d, p in zip(times["dense"], times["pruned"], strict=True))
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {
+        "dense_ms": statistics.median(times["dense"]),
+        "pruned_ms": statistics.median(times["pruned"]),
+        "speedup": statistics.median(ratios),
+        "speedup_q1": quartiles[0],
+        "speedup_q3": quartiles[2],
+        "threads": threads,
+        "rounds": runs,
+    }
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
