@@ -152,6 +152,7 @@ def run_command(args: argparse.Namespace, name: str, flags: dict[str, Any]) -> l
         "seed": args.seed,
         "bn_batches": args.bn_batches,
         "checkpointing_steps": "epoch",
+        "overwrite_output_dir": True,  # a run folder without metrics.json is an unfinished attempt
         "report_to": "jsonl",
         "num_workers": 1,
         "cpu": True,

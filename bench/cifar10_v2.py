@@ -139,6 +139,8 @@ def _recipe_flags(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "bn_batches": args.bn_batches,
         "channels_last": args.bf16,
         "checkpointing_steps": "epoch",
+        # A run folder without metrics.json is an unfinished attempt: start it again.
+        "overwrite_output_dir": True,
         "report_to": "jsonl",
         "cpu": True,
         "max_train_samples": args.max_train_samples,
@@ -295,8 +297,10 @@ def eval_jobs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> lis
                 if _finished(run_dir):
                     contender = method if seed is not None else f"{method}_base"
                     out.append(
-                        ({"contender": contender, "seed": seed},
-                         job(run, run_dir, method, dict(options), args.sparsities, VARIANTS))  # fmt: skip
+                        (
+                            {"contender": contender, "seed": seed},
+                            job(run, run_dir, method, dict(options), args.sparsities, VARIANTS),
+                        )  # fmt: skip
                     )
     return out
 
