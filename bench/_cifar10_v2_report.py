@@ -202,11 +202,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 capsize=3,
                 label=f"{label(contender)} [{variant}]",
             )
-        ax.set_title(f"CIFAR-10 test top-1, pruned with no further training ({title})")
+        ax.set_title(title)
         ax.set_xlabel("sparsity of the targeted weights (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("top-1 (%)")
+    axes[0].set_ylabel("CIFAR-10 test top-1 (%)")
+    fig.suptitle("Pruned with no further training after the same fine-tuning budget")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)

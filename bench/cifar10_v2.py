@@ -388,8 +388,9 @@ def main(argv: list[str] | None = None) -> None:
         jobs=args.jobs,
         pof_options=pof_options(args),
         pof_variants=args.pof_variants,
-        command="python bench/cifar10_v2.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     )
+    if not args.report_only:  # the command that measured the rows, not the one that re-wrote the report
+        results["command"] = "python bench/cifar10_v2.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if not args.report_only:
         results["base"] = train_base(args)
         train_finetunes(args, specs)
