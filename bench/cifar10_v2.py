@@ -311,14 +311,18 @@ def reuse_rows(args: argparse.Namespace, jobs: list[tuple[dict, EvalJob]]) -> tu
         return [], jobs
     previous = json.loads(path.read_text()).get("rows", [])
     index = {(r["run"], r["split"], r["sparsity"], r["variant"]): r for r in previous}
-    reused, todo = [], []
+    reused, todo, covered = [], [], set()
     for labels, job in jobs:
         keys = [(job.run, job.split, s, v) for s in job.sparsities for v in job.variants]
-        keys.append((job.run, job.split, 0.0, "dense"))
+        if labels["contender"] != "gmp":  # a GMP model has no dense row (_label_rows)
+            keys.append((job.run, job.split, 0.0, "dense"))
+        covered.update(keys)
         if all(key in index for key in keys):
             reused.extend(index[key] for key in keys)
         else:
             todo.append((labels, job))
+    # Rows this invocation does not measure (other contenders, other sparsities) are kept as they are.
+    reused.extend(row for key, row in index.items() if key not in covered)
     print(f"[eval] reusing {len(reused)} rows; {len(todo)} evaluation jobs to run", flush=True)
     return reused, todo
 
