@@ -14,14 +14,8 @@ import timm_prune
 from timm_prune import StructuredReport
 from timm_prune.structured.measure import measure_flops
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors on 2 shared cores: one intra-op thread is much faster (see test_method_slr.py).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors on 2 shared cores: one intra-op thread is much faster (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Different families: plain residual, inverted residual + SE, depthwise + LayerNorm2d, grouped convs,

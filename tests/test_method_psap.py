@@ -22,12 +22,8 @@ from timm_prune.structured.measure import measure_flops
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors on 2 shared cores
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors on 2 shared cores: one intra-op thread is much faster (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ARCHS = {"test_resnet": {}, "test_convnext": {}, "test_vit": {"img_size": 32}}

@@ -18,15 +18,8 @@ import torch.nn.functional as F
 import timm_prune
 from timm_prune.methods.slr import SlrMethod, resolve_layer_sparsity
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread for these tiny tensors: with other suites sharing 2 cores, OpenMP spin-waiting made
-    2 threads 10-30x slower here. Restored afterwards (the setting is process-wide)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors on 2 shared cores: one intra-op thread is much faster (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(seed: int = 0) -> nn.Module:

@@ -9,13 +9,8 @@ import torch.nn as nn
 
 import timm_prune
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors on 2 shared cores: one intra-op thread is much faster (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _correlated(n: int, features: int, seed: int = 0) -> torch.Tensor:

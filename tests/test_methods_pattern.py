@@ -15,12 +15,8 @@ from timm_prune.oneshot.nm import is_nm
 UNSTRUCTURED = [name for name in timm_prune.list_methods() if not get_method(name).structured]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors on 2 shared cores: one intra-op thread is much faster (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "1:4"])

@@ -510,6 +510,22 @@ def _normalize_images(x: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:
     return (x - mean_t) / std_t
 
 
+def _digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits as (N x 8 x 8 floats in [0, 1], labels); ``test`` is the last 360 of the 1,797."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.int64)
+    if split == "test":
+        return x[-_DIGITS_TEST:], y[-_DIGITS_TEST:]
+    if split == "train":
+        return x[:-_DIGITS_TEST], y[:-_DIGITS_TEST]
+    if split != "all":
+        raise ValueError(f"--split for digits is 'train', 'test' or 'all'; got {split!r}")
+    return x, y
+
+
 def load_eval_tensors(
     dataset: str, split: str, size: int, in_chans: int, mean: Any, std: Any, limit: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -520,17 +536,7 @@ def load_eval_tensors(
     N examples only. In memory all at once: ``eval_loader`` streams (what ``timm-prune eval`` scores).
     """
     if dataset == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        x = torch.tensor(digits.images, dtype=torch.float32) / 16.0
-        y = torch.tensor(digits.target, dtype=torch.int64)
-        if split == "test":
-            x, y = x[-_DIGITS_TEST:], y[-_DIGITS_TEST:]
-        elif split == "train":
-            x, y = x[:-_DIGITS_TEST], y[:-_DIGITS_TEST]
-        elif split != "all":
-            raise ValueError(f"--split for digits is 'train', 'test' or 'all'; got {split!r}")
+        x, y = _digits_split(split)
         if limit is not None:
             x, y = x[:limit], y[:limit]
         x = torch.nn.functional.interpolate(x[:, None], size=(size, size), mode="bilinear", align_corners=False)
@@ -625,17 +631,7 @@ def eval_loader(
     mean_t = torch.tensor(list(mean)[:in_chans] or [0.0], dtype=torch.float32).view(-1, 1, 1)
     std_t = torch.tensor(list(std)[:in_chans] or [1.0], dtype=torch.float32).view(-1, 1, 1)
     if dataset == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        x = torch.tensor(digits.images, dtype=torch.float32) / 16.0
-        y = torch.tensor(digits.target, dtype=torch.int64)
-        if split == "test":
-            x, y = x[-_DIGITS_TEST:], y[-_DIGITS_TEST:]
-        elif split == "train":
-            x, y = x[:-_DIGITS_TEST], y[:-_DIGITS_TEST]
-        elif split != "all":
-            raise ValueError(f"--split for digits is 'train', 'test' or 'all'; got {split!r}")
+        x, y = _digits_split(split)
 
         def read(i: int) -> tuple[torch.Tensor, int]:
             image = torch.nn.functional.interpolate(
