@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="*",
         default=[],
         metavar="NAME=JSON",
-        help="extra POF contenders, e.g. pof_pf='{\"pruned_forward\": 0.5}' (options over the pof contender's)",
+        help="extra POF contenders, e.g. pof_pf='{\"pruned_forward\": 0.5}' (options over the pof contender's), "
+        "trained whether or not pof is among --contenders",
     )
     p.add_argument("--bn_batches", type=int, default=10)
     p.add_argument("--val_samples", type=int, default=2000, help="held-out images used for choices")
@@ -178,11 +179,12 @@ def finetune_specs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for seed in args.seeds:
         if "plain" in args.contenders:
             specs[f"plain-s{seed}"] = {"contender": "plain", "seed": seed, "method": "magnitude", "sparsity": 0.0}
+        # The default POF with "pof" among --contenders; every --pof_variants entry whenever it is given.
+        flags = {"method": "pof", "sparsity": max(s for s in args.sparsities if s <= 0.9), **pof_options(args)}
         if "pof" in args.contenders:
-            flags = {"method": "pof", "sparsity": max(s for s in args.sparsities if s <= 0.9), **pof_options(args)}
             specs[f"pof-s{seed}"] = {"contender": "pof", "seed": seed, **flags}
-            for name, options in args.pof_variants.items():
-                specs[f"{name}-s{seed}"] = {"contender": name, "seed": seed, **flags, **options}
+        for name, options in args.pof_variants.items():
+            specs[f"{name}-s{seed}"] = {"contender": name, "seed": seed, **flags, **options}
         if "gmp" in args.contenders:
             for sparsity in args.gmp_sparsities:
                 specs[f"gmp{round(100 * sparsity)}-s{seed}"] = {
@@ -350,7 +352,8 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     pof = {k: v for k, v in pof_options(args).items()}
     gmp = {"sparsity": 0.9, "update_every": 10}
-    for precision, bf16 in (("fp32", False), ("bf16", True)):
+    # The precision the runs train in: bf16 pays only on CPUs with AMX; without, fp32 is the faster one.
+    for precision, bf16 in (("bf16", True),) if args.bf16 else (("fp32", False),):
         out[f"pof_{precision}"] = step_time_ratio(args.model, {}, *batch, {"sparsity": 0.9, **pof}, 30, bf16=bf16)
         for name, options in args.pof_variants.items():
             options = {"sparsity": 0.9, **pof, **options}

@@ -77,3 +77,21 @@ def test_bad_model_and_busy_output(tmp_path, capsys):
     (busy / "file").write_text("x")
     assert cli_main(["prune", "test_resnet", "--method", "magnitude", "--output", str(busy)]) == 1
     assert "not an empty directory" in capsys.readouterr().err and os.listdir(busy) == ["file"]
+
+
+def test_calibration_images_are_a_stratified_sample_of_a_label_sorted_split(tmp_path):
+    # A split sorted by class (as many image folders and exports are): the first N rows would all be class 0.
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from timm_prune.data import load_eval_tensors
+
+    labels = [i // 10 for i in range(40)]
+    rows = {"image": [Image.fromarray(np.full((8, 8, 3), 60 * c, np.uint8)) for c in labels], "label": labels}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=4)})
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "train.parquet"))
+    images, got, _ = load_eval_tensors(str(tmp_path), "train", 8, 3, (0.0,) * 3, (1.0,) * 3, 8)
+    assert sorted(got.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    # Each image still matches its label (the sample selects rows, it does not shuffle images against labels).
+    assert torch.allclose(images[:, 0, 0, 0], got.float() * 60 / 255, atol=1e-6)

@@ -98,3 +98,26 @@ def test_training_with_pruned_forwards_reduces_the_loss_of_the_pruned_model():
 def test_bad_pruned_forward_names_the_field():
     with pytest.raises(ValueError, match="pruned_forward"):
         timm_prune.PruneConfig(method="pof", pruned_forward=1.5)
+
+
+def test_pruned_forwards_alone_skip_the_energy_pass_but_keep_the_candidates_current():
+    # penalty_weight 0: no energy graph (nothing to differentiate), yet the step counter and the refreshed
+    # candidate sets that the pruned forwards use advance as with a penalty.
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=4)
+    config = timm_prune.PruneConfig(
+        method="pof", sparsity=0.8, scope="global", penalty_sparsities=SPARSITIES, pruned_forward=1.0,
+        penalty_weight=0.0, threshold_refresh=2,
+    )  # fmt: skip
+    pm = timm_prune.convert(model, config).train()
+    first = pm.penalty()
+    assert float(first) == 0.0 and first.grad_fn is None and bool(pm.pruner.candidates_selected)
+    name = next(iter(pm.targets))
+    with torch.no_grad():  # move the smallest weights far out: the next refresh must drop them from the sets
+        direction = pm.targets[name].parametrizations.weight.original1
+        direction.copy_(torch.where(pm.pruner.candidate_counts()[name] > 0, 10 * direction.sign(), direction))
+    for _ in range(2):
+        pm.penalty()
+    assert int(pm.pruner.step) == 3
+    moved = direction.abs() == 10
+    assert moved.any() and not (pm.pruner.candidate_counts()[name][moved] > 0).any()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -504,12 +504,6 @@ def tensor_datasets(
 _DIGITS_TEST = 360  # the last 360 of scikit-learn's 1797 digits: a fixed, reproducible test split
 
 
-def _normalize_images(x: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:
-    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
-
-
 def _digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's digits as (N x 8 x 8 floats in [0, 1], labels); ``test`` is the last 360 of the 1,797."""
     from sklearn.datasets import load_digits
@@ -527,56 +521,20 @@ def _digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_eval_tensors(
-    dataset: str, split: str, size: int, in_chans: int, mean: Any, std: Any, limit: int | None
+    dataset: str, split: str, size: int, in_chans: int, mean: Any, std: Any, limit: int | None, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """A whole evaluation split as tensors: ``(normalised images N x C x size x size, labels, display name)``.
 
-    ``dataset``: ``"digits"`` (scikit-learn's 8x8 digits, upscaled bilinearly and replicated to ``in_chans``; its
-    ``test`` split is the last 360 of the 1,797) or anything ``datasets.load_dataset`` reads. ``limit``: the first
-    N examples only. In memory all at once: ``eval_loader`` streams (what ``timm-prune eval`` scores).
+    What ``eval_loader`` streams, gathered in memory (calibration images for the one-shot methods). ``dataset``:
+    ``"digits"`` (scikit-learn's 8x8 digits, upscaled bilinearly and replicated to ``in_chans``; its ``test`` split
+    is the last 360 of the 1,797) or anything ``datasets.load_dataset`` reads. ``limit``: a seeded sample of that many
+    rows, stratified by label, so that a split sorted by class still gives every class its share.
     """
-    if dataset == "digits":
-        x, y = _digits_split(split)
-        if limit is not None:
-            x, y = x[:limit], y[:limit]
-        x = torch.nn.functional.interpolate(x[:, None], size=(size, size), mode="bilinear", align_corners=False)
-        x = x.expand(-1, in_chans, -1, -1)
-        return _normalize_images(x, mean, std), y, "digits (scikit-learn load_digits)"
-    return _load_hf_eval_tensors(dataset, split, size, in_chans, mean, std, limit)
-
-
-def _load_hf_eval_tensors(
-    dataset: str, split: str, size: int, in_chans: int, mean: Any, std: Any, limit: int | None
-) -> tuple[torch.Tensor, torch.Tensor, str]:
-    import datasets
-    from torchvision.transforms import functional as TF
-
-    try:
-        data = datasets.load_dataset(dataset, split=split)
-    except ValueError as e:  # unknown split: datasets names the available ones
-        raise ValueError(f"cannot load split {split!r} of {dataset!r}: {e}") from e
-    features = data.features
-    image_col = next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
-    label_col = next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
-    label_col = label_col or next((k for k in ("label", "labels", "fine_label") if k in features), None)
-    if image_col is None or label_col is None:
-        raise ValueError(f"dataset {dataset!r} needs an Image column and a label column; it has {sorted(features)}")
-    if limit is not None:
-        data = data.select(range(min(limit, len(data))))
-    mode = {1: "L", 3: "RGB"}.get(in_chans, "RGB")
-    images, labels = [], []
-    for row in _image_label_rows(data, image_col, label_col):
-        image = row[0].convert(mode).resize((size, size))
-        images.append(TF.to_tensor(image))
-        labels.append(int(row[1]))
-    x = torch.stack(images)
-    name = os.path.basename(os.path.normpath(dataset)) if os.path.isdir(dataset) else dataset
-    return _normalize_images(x, mean[: x.shape[1]], std[: x.shape[1]]), torch.tensor(labels), name
-
-
-def _image_label_rows(data: Any, image_col: str, label_col: str) -> Iterator[tuple[Any, Any]]:
-    for row in data:
-        yield row[image_col], row[label_col]
+    loader, name = eval_loader(dataset, split, size, in_chans, mean, std, limit, batch_size=256, seed=seed)
+    batches = list(loader)
+    if not batches:
+        raise ValueError(f"split {split!r} of {dataset!r} has no rows")
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]), name
 
 
 # ================================================================================================ streaming eval
