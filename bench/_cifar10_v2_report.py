@@ -12,7 +12,10 @@ from typing import Any
 
 DATA_FREE = ("zero", "mean")
 WITH_DATA = ("bn_recal", "mean+bn_recal")
-ORDER = ("pof", "plain", "gmp", "base", "wanda", "sparsegpt", "wanda_base", "sparsegpt_base")
+ORDER = (
+    "pof", "plain", "gmp", "base", "wanda", "sparsegpt", "wanda_global", "sparsegpt_global", "wanda_base",
+    "sparsegpt_base", "wanda_global_base", "sparsegpt_global_base",
+)  # fmt: skip
 LABELS = {
     "plain": "plain FT + global magnitude",
     "pof": "POF FT (one model)",
@@ -22,6 +25,10 @@ LABELS = {
     "sparsegpt": "plain FT + SparseGPT (one-shot, per layer)",
     "wanda_base": "base, no FT, Wanda (per layer)",
     "sparsegpt_base": "base, no FT, SparseGPT (per layer)",
+    "wanda_global": "plain FT + Wanda (one-shot, one global threshold)",
+    "sparsegpt_global": "plain FT + SparseGPT (one-shot, global threshold)",
+    "wanda_global_base": "base, no FT, Wanda (global)",
+    "sparsegpt_global_base": "base, no FT, SparseGPT (global)",
 }
 
 

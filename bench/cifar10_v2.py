@@ -8,7 +8,8 @@
 Stages (each reuses what a previous invocation finished, so the benchmark can be run in parts):
 
 1. base: one dense half-width ResNet-18 (``--model_kwargs``) trained plainly on CIFAR-10 (36 px; bf16 autocast and
-   channels-last where the CPU has AMX) for 30 epochs, saved with ``save_pretrained`` under ``<workdir>/base`` (``--retrain`` trains it again).
+   channels-last where the CPU has AMX) for 30 epochs, saved with ``save_pretrained`` under ``<workdir>/base``
+   (``--retrain`` trains it again).
 2. fine-tuning, ``--finetune_epochs`` (default 2) from the base through the recipe
    (``--model local-dir:<base> --pretrained``), same optimizer, schedule, data and seed for every contender:
    - ``plain``: plain fine-tuning; pruned afterwards by one-shot global magnitude;
@@ -319,19 +320,18 @@ def eval_jobs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> lis
             if method not in methods:
                 print(f"[eval] {method}: not registered in timm_prune yet; skipped", flush=True)
                 continue
-            options = {"scope": "layer", "calibration_batches": ONE_SHOT_BATCHES[method]}
-            sources = [(f"{method}_base", None, base_dir)]
-            sources += [(f"{method}-s{s['seed']}", s["seed"], os.path.join(args.workdir, n))
-                        for n, s in specs.items() if s["contender"] == "plain"]  # fmt: skip
-            for run, seed, run_dir in sources:
-                if _finished(run_dir):
-                    contender = method if seed is not None else f"{method}_base"
-                    out.append(
-                        (
-                            {"contender": contender, "seed": seed},
-                            job(run, run_dir, method, dict(options), args.sparsities, VARIANTS),
-                        )  # fmt: skip
-                    )
+            # Per layer as published, and with one global threshold over the scores (the fair match for global
+            # magnitude): contenders "wanda" and "wanda_global", and "..._base" for the base.
+            for scope, suffix in (("layer", ""), ("global", "_global")):
+                options = {"scope": scope, "calibration_batches": ONE_SHOT_BATCHES[method]}
+                contender = f"{method}{suffix}"
+                sources = [(f"{contender}_base", None, base_dir)]
+                sources += [(f"{contender}-s{s['seed']}", s["seed"], os.path.join(args.workdir, n))
+                            for n, s in specs.items() if s["contender"] == "plain"]  # fmt: skip
+                for run, seed, run_dir in sources:
+                    if _finished(run_dir):
+                        labels = {"contender": contender if seed is not None else f"{contender}_base", "seed": seed}
+                        out.append((labels, job(run, run_dir, method, dict(options), args.sparsities, VARIANTS)))
     return out
 
 
