@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -52,6 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # pruning on CIFAR-10 (no contender can stand out there), and the half width trains 2.9x faster on this CPU.
 HALF_WIDTH = {"channels": [32, 64, 128, 256], "stem_width": 32}
 RESULTS = ROOT / "bench" / "results"
+# The default base, committed (11 MB): later sessions and users skip its 30-minute training.
+BASE_CACHE = ROOT / "bench" / "base_cache"
 FINETUNED = ("plain", "pof", "gmp")
 ONE_SHOT = ("wanda", "sparsegpt")
 CONTENDERS = FINETUNED + ("base",) + ONE_SHOT
@@ -237,16 +240,45 @@ def _finished(run_dir: str) -> bool:
     return os.path.exists(os.path.join(run_dir, "metrics.json"))
 
 
+def _base_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The base's flags that decide its weights (not where the data lies, nor the precision it ran in)."""
+    return {k: v for k, v in base_flags(args).items() if k not in ("dataset", "channels_last", "overwrite_output_dir")}
+
+
+def _restore_cached_base(args: argparse.Namespace, out: str) -> bool:
+    """Copy the committed base (``bench/base_cache``) into ``out`` when it was trained with these flags."""
+    recorded = BASE_CACHE / "base_recipe.json"
+    if not recorded.exists() or json.loads(recorded.read_text()) != json.loads(json.dumps(_base_recipe(args))):
+        return False
+    shutil.copytree(BASE_CACHE, out, dirs_exist_ok=True)
+    print(f"[base] using the committed base {os.path.relpath(BASE_CACHE, ROOT)} (same flags; --retrain trains it)")
+    return True
+
+
+def cache_base(args: argparse.Namespace) -> None:
+    """Commit-sized copy of the finished base (weights, config, metrics; no checkpoints) into ``bench/base_cache``."""
+    out = os.path.join(args.workdir, "base")
+    tmp = BASE_CACHE.with_name(BASE_CACHE.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json", "metrics.json", "README.md"):
+        if os.path.exists(os.path.join(out, name)):
+            shutil.copy2(os.path.join(out, name), tmp / name)
+    (tmp / "base_recipe.json").write_text(json.dumps(_base_recipe(args), indent=2) + "\n")
+    shutil.rmtree(BASE_CACHE, ignore_errors=True)
+    os.replace(tmp, BASE_CACHE)
+
+
 def train_base(args: argparse.Namespace) -> dict[str, Any]:
     out = os.path.join(args.workdir, "base")
-    if args.retrain or not _finished(out):
-        if args.retrain and os.path.isdir(out):
-            import shutil
-
-            shutil.rmtree(out)
+    if args.retrain and os.path.isdir(out):
+        shutil.rmtree(out)
+    if not _finished(out) and (args.retrain or args.quick or not _restore_cached_base(args, out)):
         os.makedirs(out, exist_ok=True)
         print(f"[base] training {args.model} for {args.base_epochs} epochs into {out}", flush=True)
         train_one(_job(base_flags(args), out, args))
+        if not args.quick and args.max_train_samples is None:
+            cache_base(args)
     metrics = json.loads(Path(out, "metrics.json").read_text())
     return {
         "model": args.model,
