@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import timm_prune
-from timm_prune.methods.gmp import cubic_sparsity
+from timm_prune.methods.schedules import cubic_sparsity
 
 
 def _tiny(seed: int = 0) -> torch.nn.Module:

@@ -56,6 +56,24 @@ def test_warmup_ramps_the_penalty_weight():
     assert int(pm.pruner.step) == 6 and "pruner.step" in pm.state_dict()
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_sparsity_ramp_grows_the_candidate_sets_along_the_cubic_schedule(scope):
+    config = timm_prune.PruneConfig(
+        sparsity=0.6, scope=scope, sparsity_ramp=10, threshold_refresh=1, threshold_sample=0, target_modules=["0", "2"]
+    )
+    pm = timm_prune.convert(_mlp(), config)
+    numel = sum(m.weight.numel() for m in pm.targets.values())
+    shares = []
+    for _ in range(12):
+        pm.penalty()  # call k selects the sets of step k, then counts itself
+        shares.append(sum(int((c > 0).sum()) for c in pm.pruner.candidate_counts().values()) / numel)
+    assert shares[0] == 0.0  # nothing is a candidate at the ramp's start: the penalty is zero
+    for step in (3, 5, 8):
+        assert shares[step] == pytest.approx(0.6 * (1 - (1 - step / 10) ** 3), abs=0.03)
+    assert shares[10] == shares[11] == pytest.approx(0.6, abs=0.02)
+    assert shares == sorted(shares)
+
+
 def _snapshot(pm) -> dict[str, torch.Tensor]:
     return {n: c.clone() for n, c in pm.pruner._candidates.items()}
 

@@ -25,6 +25,7 @@ import torch
 
 from ..registry import register_method
 from .base import PruneMethod, is_int, is_number
+from .schedules import cubic_sparsity
 
 
 @dataclass
@@ -53,15 +54,6 @@ class GmpOptions:
             )
         if not is_int(self.update_every) or self.update_every < 1:
             raise ValueError(f"PruneConfig.update_every must be an integer >= 1; got {self.update_every!r}")
-
-
-def cubic_sparsity(step: int, total_steps: int, initial: float, final: float, start: float, end: float) -> float:
-    """Zhu & Gupta's schedule at optimizer step ``step`` of ``total_steps`` (0 before it starts)."""
-    first, last = start * total_steps, end * total_steps
-    if step < first:
-        return 0.0
-    progress = min(1.0, (step - first) / max(last - first, 1e-9))
-    return final + (initial - final) * (1.0 - progress) ** 3
 
 
 @register_method("gmp")

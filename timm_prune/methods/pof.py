@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 
 from ..registry import register_method
 from .base import PruneMethod, is_int, is_number
+from .schedules import cubic_sparsity
 
 _EPS = 1e-12
 
@@ -111,6 +112,10 @@ class PofOptions:
     # learns to be accurate once pruned (after CrAM, Peste et al., ICLR 2023, without its sharpness step, so a
     # step costs what a dense one does). 0: every forward is dense.
     pruned_forward: float = 0.0
+    # Training calls over which every candidate set grows from empty to its sparsity along Zhu & Gupta's cubic
+    # schedule (as GMP's masks do), so that a trained model is polarised a little at a time rather than losing its
+    # 98 % candidates' energy in the first epoch. 0: full sets from the first call.
+    sparsity_ramp: int = 0
 
     def __post_init__(self) -> None:
         if not is_int(self.penalty_warmup) or self.penalty_warmup < 0:
@@ -121,6 +126,8 @@ class PofOptions:
             raise ValueError(f"PruneConfig.criterion must be 'direction' or 'weight'; got {self.criterion!r}")
         if not is_int(self.threshold_sample) or self.threshold_sample < 0:
             raise ValueError(f"PruneConfig.threshold_sample must be an integer >= 0; got {self.threshold_sample!r}")
+        if not is_int(self.sparsity_ramp) or self.sparsity_ramp < 0:
+            raise ValueError(f"PruneConfig.sparsity_ramp must be an integer >= 0; got {self.sparsity_ramp!r}")
         if not is_number(self.pruned_forward) or not 0.0 <= self.pruned_forward <= 1.0:
             raise ValueError(f"PruneConfig.pruned_forward must be a number in [0, 1]; got {self.pruned_forward!r}")
         levels = self.penalty_sparsities
@@ -186,7 +193,14 @@ class PofMethod(PruneMethod):
     @torch.no_grad()
     def select_candidates(self) -> None:
         """Re-select the nested candidate sets from the current weights (one per penalty sparsity)."""
-        sparsities = self.penalty_sparsities
+        ramp = self.config.sparsity_ramp
+        scale = 1.0 if ramp == 0 else cubic_sparsity(int(self.step), ramp, 0.0, 1.0, 0.0, 1.0)
+        self.candidates_selected.fill_(True)
+        if scale <= 0.0:  # the ramp's first call: nothing is a candidate yet
+            for candidates in self._candidates.values():
+                candidates.zero_()
+            return
+        sparsities = [scale * s for s in self.penalty_sparsities]
         if self.config.scope == "layer" and self.config.pattern is None:
             for name, candidates in self._candidates.items():
                 candidates.copy_(self._sampled_levels(self.scores(name), sparsities))
@@ -196,7 +210,6 @@ class PofMethod(PruneMethod):
             for sparsity in sparsities:
                 for name, keep in self.keep_masks(sparsity).items():
                     self._candidates[name].add_(~keep)
-        self.candidates_selected.fill_(True)
 
     def _sampled_levels(self, score: torch.Tensor, sparsities: list[float]) -> torch.Tensor:
         """How many of the nested candidate sets hold each entry, with thresholds from a sample of ``score``."""
