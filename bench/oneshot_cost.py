@@ -135,7 +135,13 @@ def main(argv: list[str] | None = None) -> None:
             command = [sys.executable, __file__, "--case", f"{model_name}:{method}", "--images", str(images)]
             command += ["--batch_size", str(args.batch_size), "--threads", str(args.threads)]
             command += ["--img_size", str(img_size)] if img_size else []
-            result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+            try:
+                result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+            except subprocess.TimeoutExpired:  # a row that says so; the other cases still run
+                row = {"model": model_name, "method": method, "error": f"over --timeout {args.timeout} s"}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
             if result.returncode != 0:
                 row = {"model": model_name, "method": method, "error": result.stderr.strip().splitlines()[-1:]}
                 row["error"] = row["error"][0] if row["error"] else f"exit {result.returncode}"
