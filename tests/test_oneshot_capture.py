@@ -235,15 +235,6 @@ def test_forward_order_early_stop_shared_and_unreached_layers():
     assert _no_hooks(model)
 
 
-@pytest.fixture
-def one_thread():
-    """These models are tiny: more than one intra-op thread only adds OpenMP contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", ["test_resnet", "test_vit", "test_efficientnet", "test_convnext"])
 def test_timm_models_columns_statistics_and_a_sequential_prune(name):
