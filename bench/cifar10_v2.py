@@ -289,12 +289,35 @@ def train_base(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _row_keys(args: argparse.Namespace, name: str, spec: dict[str, Any]) -> set[tuple]:
+    """Keys ``(run, split, sparsity, variant)`` of every row measured on the run ``name`` (eval_jobs' rows)."""
+    if spec["contender"] == "gmp":
+        cells = [(spec["sparsity"], v) for v in ("zero", "bn_recal")]
+    else:
+        cells = [(s, v) for s in args.sparsities for v in VARIANTS] + [(0.0, "dense")]
+    runs = [name]
+    if spec["contender"] == "plain":  # the one-shot methods run on the plain fine-tuned models
+        runs += [f"{m}{suffix}-s{spec['seed']}" for m in ONE_SHOT if m in args.contenders for suffix in ("", "_global")]
+    return {(run, split, s, v) for run in runs for split in ("test", "val") for s, v in cells}
+
+
+def measured_runs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> set[str]:
+    """Runs whose rows are all in the results already: no need to train them again (their folders are git-ignored
+    and gone in a new checkout; the rows are committed)."""
+    path = Path(args.results) / "cifar10_v2.json"
+    if args.retrain or not path.exists():
+        return set()
+    index = {(r["run"], r["split"], r["sparsity"], r["variant"]) for r in json.loads(path.read_text()).get("rows", [])}
+    return {name for name, spec in specs.items() if _row_keys(args, name, spec) <= index}
+
+
 def train_finetunes(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> None:
     base = os.path.join(args.workdir, "base")
+    measured = measured_runs(args, specs)
     jobs = []
     for name, spec in specs.items():
         out = os.path.join(args.workdir, name)
-        if not args.retrain and _finished(out):
+        if not args.retrain and (_finished(out) or name in measured):
             continue
         os.makedirs(out, exist_ok=True)
         flags = {
@@ -473,7 +496,10 @@ def main(argv: list[str] | None = None) -> None:
                 results["rows"] = rows
                 atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")  # partial results
         results["rows"] = rows
-        results["run_times"] = run_walltimes(args, specs)
+        # Wall times of runs trained by earlier invocations (their folders may be gone) are kept.
+        times = {r["run"]: r for r in results.get("run_times", [])}
+        times.update({r["run"]: r for r in run_walltimes(args, specs)})
+        results["run_times"] = list(times.values())
         if "cost" not in results or args.retrain:
             results["cost"] = cost(args)
     if args.cost_only:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -54,11 +56,17 @@ def test_layer_output_error_lower_than_magnitude(sparsity):
 def test_cnn_sequential_calibration_no_hooks_save_load(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(8, 3, 32, 32)
-    pm = timm_prune.convert(timm.create_model("test_resnet", num_classes=4).eval(), method="sparsegpt", sparsity=0.6)
+    dense = timm.create_model("test_resnet", num_classes=4).eval()
+    pm = timm_prune.convert(copy.deepcopy(dense), method="sparsegpt", sparsity=0.6)
     with pytest.raises(RuntimeError, match="calibrate"):
         pm.prune()
     logs = pm.calibrate([x[:4], x[4:]])
-    assert logs["solved_layers"] == len(pm.targets) and logs["passes"] >= len(pm.targets)
+    assert logs["solved_layers"] == len(pm.targets) and logs["passes"] == 1  # one forward over both batches
+    # The pass-per-layer mode (less memory) replays the batches up to each layer, and solves the same problem.
+    per_layer = timm_prune.convert(dense, method="sparsegpt", sparsity=0.6, one_pass=False)
+    per_layer_logs = per_layer.calibrate([x[:4], x[4:]])
+    assert per_layer_logs["passes"] >= len(pm.targets)
+    assert per_layer_logs["obs_loss"] == pytest.approx(logs["obs_loss"], rel=1e-3)
     assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in pm.modules()) == 0
     with pytest.raises(RuntimeError, match="already pruned"):
         pm.calibrate([x])

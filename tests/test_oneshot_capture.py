@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import timm
 import torch
@@ -20,6 +23,7 @@ from timm_prune.oneshot.capture import (
     conv_padding,
     forward_order,
     input_columns,
+    join_batches,
 )
 from timm_prune.oneshot.sparsegpt import sparsegpt_prune
 
@@ -158,21 +162,30 @@ def test_no_hooks_left_behind_even_when_a_batch_or_the_callback_raises():
         return forward
 
     with pytest.raises(RuntimeError, match="batch failed"):
-        capture_sequential(model, layers, [good], lambda *a: None, forward=raising_forward())
+        capture_sequential(model, layers, [good], lambda *a: None, forward=raising_forward(), one_pass=False)
     assert _no_hooks(model) and all(m.training for m in model.modules())
 
     def failing_callback(name, module, stats):
         raise ValueError("prune failed")
 
-    with pytest.raises(ValueError, match="prune failed"):
-        capture_sequential(model, layers, [good], failing_callback)
-    assert _no_hooks(model) and all(m.training for m in model.modules())
+    for one_pass in (True, False):  # one pass: the callback raises inside a forward pre-hook
+        with pytest.raises(ValueError, match="prune failed"):
+            capture_sequential(model, layers, [good], failing_callback, one_pass=one_pass)
+        assert _no_hooks(model) and all(m.training for m in model.modules())
 
 
-def test_sequential_layers_see_the_already_pruned_layers_before_them():
+@pytest.mark.parametrize(
+    "batches",
+    [
+        [torch.randn(3, 4), torch.randn(2, 4)],  # joined: one pass
+        [(torch.randn(3, 4), torch.tensor([0, 1, 2])), (torch.randn(2, 4), torch.tensor([0, 1]))],  # joined pairs
+        [torch.randn(3, 4), (torch.randn(2, 4), torch.tensor([0, 1]))],  # cannot be joined: a pass per layer
+    ],
+    ids=["tensors", "pairs", "mixed"],
+)
+def test_sequential_layers_see_the_already_pruned_layers_before_them(batches):
     model = _mlp()
     layers = {"0": model[0], "2": model[2]}
-    batches = [torch.randn(3, 4), (torch.randn(2, 4), torch.tensor([0, 1]))]  # a tensor and an (x, y) pair
     seen = []
 
     def prune_everything(name, module, stats):
@@ -181,7 +194,12 @@ def test_sequential_layers_see_the_already_pruned_layers_before_them():
             module.weight.zero_()
             module.bias.zero_()
 
-    run = capture_sequential(model, layers, batches, prune_everything, stats_factory=lambda n, m: FeatureNorms(m))
+    joinable = all(isinstance(b, type(batches[0])) for b in batches)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = capture_sequential(model, layers, batches, prune_everything, stats_factory=lambda n, m: FeatureNorms(m))
+    assert any("cannot be joined" in str(w.message) for w in caught) != joinable
+    assert run.passes == (1 if joinable else 2 * len(batches))
     assert run.order == ["0", "2"] and run.unreached == []
     assert [s[0] for s in seen] == ["0", "2"] and [s[1] for s in seen] == [5, 5]
     assert seen[0][2].sum() > 0
@@ -226,13 +244,70 @@ def test_forward_order_early_stop_shared_and_unreached_layers():
     rows = {}
     model.tail.calls = 0
     with pytest.warns(UserWarning, match="never ran.*unused"):
-        run = capture_sequential(model, layers, batches, lambda n, m, s: rows.setdefault(n, s.rows))
+        run = capture_sequential(model, layers, batches, lambda n, m, s: rows.setdefault(n, s.rows), one_pass=False)
     assert run.order == order and run.unreached == ["unused"]
     assert rows == {"early": 5, "late": 5, "shared": 10}  # a layer run twice per forward sees both inputs
     # Discovery pass + 'shared' passes run to the end; 'early' and 'late' passes stop at their layer.
     assert model.tail.calls == 1 + len(batches)
     assert run.passes == 3 * len(batches)
     assert _no_hooks(model)
+
+    # One pass: 'early' and 'late' inside one forward over the joined batches; the shared layer, which needs
+    # both of its calls' inputs, afterwards with a pass per batch (run to the end: it runs twice).
+    rows.clear()
+    model.tail.calls = 0
+    with pytest.warns(UserWarning, match="never ran.*unused"):
+        run = capture_sequential(model, layers, batches, lambda n, m, s: rows.setdefault(n, s.rows))
+    assert run.order == ["early", "late", "shared"] and run.unreached == ["unused"]
+    assert rows == {"early": 5, "late": 5, "shared": 10}
+    assert run.passes == 1 + len(batches) and model.tail.calls == 1 + 1 + len(batches)
+    assert _no_hooks(model)
+
+
+def test_join_batches_structures_and_errors():
+    a, b = torch.randn(2, 3), torch.randn(1, 3)
+    joined = join_batches([(a, torch.tensor([0, 1])), (b, torch.tensor([2]))])
+    assert isinstance(joined, tuple) and torch.equal(joined[0], torch.cat([a, b]))
+    assert joined[1].tolist() == [0, 1, 2]
+    joined = join_batches([{"pixel_values": a}, {"pixel_values": b}])
+    assert torch.equal(joined["pixel_values"], torch.cat([a, b]))
+    for bad in ([a, torch.randn(1, 4)], [a, (b,)], [{"x": a}, {"y": b}], [["text"], ["more"]]):
+        with pytest.raises(TypeError, match="cannot be joined"):
+            join_batches(bad)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+def test_one_pass_prunes_exactly_like_a_pass_per_layer(name):
+    """The one-forward sequential mode is the same algorithm: same masks, same updated weights."""
+    kwargs = {"img_size": 32} if name == "test_vit" else {}
+    torch.manual_seed(0)
+    reference = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+    images = [torch.randn(3, 3, 32, 32), torch.randn(2, 3, 32, 32)]
+    pruned = {}
+    for one_pass in (True, False):
+        model = copy.deepcopy(reference)
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        keeps = {}
+
+        def prune(layer_name, module, s, keeps=keeps):
+            result = sparsegpt_prune(module.weight, s.hessian(), 0.6)
+            keeps[layer_name] = result.keep
+            with torch.no_grad():
+                module.weight.copy_(result.weight)
+
+        run = capture_sequential(model, layers, images, prune, one_pass=one_pass)
+        assert run.passes == 1 if one_pass else run.passes > len(layers)
+        pruned[one_pass] = (run.order, keeps, {n: m.weight.detach().clone() for n, m in layers.items()})
+    (order_1, keeps_1, weights_1), (order_n, keeps_n, weights_n) = pruned[True], pruned[False]
+    assert order_1 == order_n
+    # Float sums in another order may flip a tie in a mask; all but a handful of entries must agree.
+    agree = sum(int((keeps_1[n] == keeps_n[n]).sum()) for n in keeps_1)
+    assert agree >= sum(k.numel() for k in keeps_1.values()) - 4
+    for n in weights_1:
+        torch.testing.assert_close(weights_1[n], weights_n[n], rtol=1e-3, atol=1e-3)
+    ref_weights = dict(reference.named_parameters())
+    assert any(not torch.equal(weights_1[n], ref_weights[n + ".weight"]) for n in weights_1)
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -2,11 +2,13 @@
 
 ``calibrate(batches)`` takes ``calibration_batches`` batches and runs SparseGPT's sequential mode on the model's
 graph (``oneshot.capture.capture_sequential``): the targeted layers in forward order, one at a time; for each, the
-batches run through the model (already pruned before it) to gather the layer input's Hessian ``2 X X^T / rows``
-(Conv2d: on the unfolded input, per conv group, with the layer's own padding, stride and dilation), then the OBS
-solve (``oneshot.sparsegpt.sparsegpt_prune``) chooses the mask row by row and updates the kept weights of the
+layer input's Hessian ``2 X X^T / rows`` over the calibration images (Conv2d: on the unfolded input, per conv
+group, with the layer's own padding, stride and dilation) is taken on the model already pruned before it, then the
+OBS solve (``oneshot.sparsegpt.sparsegpt_prune``) chooses the mask row by row and updates the kept weights of the
 layer to make up for the pruned ones, in place, before the next layer is measured. Memory: one layer's Hessian at
-a time. ``prune()`` then applies the masks through the model's usual machinery; the "unmasked" weight is the
+a time. With ``one_pass=True`` (default) all of it happens inside one forward over the calibration batches joined
+(each layer is pruned in its forward pre-hook, before it runs); ``one_pass=False`` replays the batches one at a
+time up to each layer instead (less activation memory, one pass per layer). ``prune()`` then applies the masks through the model's usual machinery; the "unmasked" weight is the
 updated one, whose pruned entries are already exactly zero, so mean / layer-mean recovery find nothing to add (the
 OBS update is this method's recovery) while BatchNorm re-estimation, save / load and ``merge_and_unload`` work as
 for every unstructured method. Note that ``calibrate`` changes the model's weights: it is the pruning step.
@@ -53,6 +55,9 @@ class SparseGptOptions:
     blocksize: int = 128
     # Damping of the Hessian diagonal, relative to its mean.
     percdamp: float = 0.01
+    # Sequential mode in one forward over all calibration batches joined (activations of all of them in memory at
+    # once); False: one pass per layer, one batch in memory at a time (slower: the model's prefix runs per layer).
+    one_pass: bool = True
 
     def __post_init__(self) -> None:
         check_calibration_batches(self.calibration_batches)
@@ -60,6 +65,8 @@ class SparseGptOptions:
             raise ValueError(f"PruneConfig.blocksize must be an integer >= 1; got {self.blocksize!r}")
         if not is_number(self.percdamp) or self.percdamp < 0:
             raise ValueError(f"PruneConfig.percdamp must be a number >= 0; got {self.percdamp!r}")
+        if not isinstance(self.one_pass, bool):
+            raise ValueError(f"PruneConfig.one_pass must be True or False; got {self.one_pass!r}")
 
 
 def _warn(what: str, names: list[str]) -> None:
@@ -129,6 +136,7 @@ class SparseGptMethod(PruneMethod):
             on_layer,
             stats_factory=lambda n, m: InputHessian(m),
             forward=calibration_forward,
+            one_pass=self.config.one_pass,
         )
         _warn("never ran on the calibration batches", run.unreached)
         self.calibrated = True
@@ -153,6 +161,7 @@ class SparseGptMethod(PruneMethod):
             on_layer,
             stats_factory=lambda n, m: InputHessian(m),
             forward=calibration_forward,
+            one_pass=self.config.one_pass,
         )
         names = list(saliency)
         keeps = global_keep_masks([lambda n=n: saliency[n] for n in names], self.config.sparsity)

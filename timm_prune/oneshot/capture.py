@@ -20,11 +20,21 @@ Two drivers run the calibration batches through the model:
 
 - ``capture_all``: all layers hooked at once, one pass (Wanda: per-feature norms are small).
 - ``capture_sequential``: SparseGPT's sequential mode (Frantar & Alistarh 2023, arXiv 2301.00774, also used by
-  Wanda, Sun et al. 2023, arXiv 2306.11695): layers in forward order, one at a time; for layer i a pre-hook on
-  that layer only, the batches run through the whole model, the hook is removed, the caller's ``on_layer``
-  prunes the layer, then layer i + 1, whose inputs therefore come from the already pruned layers before it.
-  Memory: one layer's statistics at a time. Cost: up to one calibration pass per layer (each pass stops at
-  the hooked layer when that layer runs once per forward).
+  Wanda, Sun et al. 2023, arXiv 2306.11695): layers in forward order, one at a time, each measured on the inputs
+  that the already pruned layers before it produce. Two ways to run it, with the same result:
+
+  - ``one_pass=True`` (default): the calibration batches are joined into one batch and run through the model
+    once, every layer hooked; a layer's pre-hook gathers its statistics from the whole calibration set and calls
+    ``on_layer``, which prunes the layer in place before the layer itself runs, so every later layer sees the
+    pruned model's activations. Cost: one forward; memory: the activations of all calibration images at once
+    (what the paper's implementation holds per block) plus one layer's statistics.
+  - ``one_pass=False``: for layer i a pre-hook on that layer only, the batches run through the model one at a
+    time, the hook is removed, ``on_layer`` prunes the layer, then layer i + 1. Memory: one batch's activations
+    and one layer's statistics; cost: up to one calibration pass per layer (a pass stops at the hooked layer).
+
+  A layer that runs more than once per forward (a shared module) needs all of its calls' inputs before it can be
+  pruned; it is measured the second way, after the one pass. Batches that cannot be joined (different
+  structures, or non-tensor leaves) fall back to the second way, with a warning.
 
 Every hook is removed in a ``finally`` (also when a batch raises), and the model's train/eval flags are
 restored: calibration runs in eval mode under ``torch.no_grad`` so that BatchNorm statistics do not move.
@@ -368,6 +378,25 @@ class SequentialRun:
     passes: int = 0
 
 
+def join_batches(batches: list[Any]) -> Any:
+    """One batch made of ``batches`` concatenated along dim 0: tensors, and tuples / lists / mappings of tensors of
+    the same structure. Raises ``TypeError`` for anything else."""
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        if not all(isinstance(b, torch.Tensor) and b.shape[1:] == first.shape[1:] for b in batches):
+            raise TypeError("calibration batches of different types or shapes cannot be joined")
+        return torch.cat(batches) if first.dim() > 0 else first
+    if isinstance(first, (tuple, list)):
+        if not all(isinstance(b, type(first)) and len(b) == len(first) for b in batches):
+            raise TypeError("calibration batches of different structures cannot be joined")
+        return type(first)(join_batches([b[i] for b in batches]) for i in range(len(first)))
+    if isinstance(first, Mapping):
+        if not all(isinstance(b, Mapping) and b.keys() == first.keys() for b in batches):
+            raise TypeError("calibration batches with different keys cannot be joined")
+        return {k: join_batches([b[k] for b in batches]) for k in first}
+    raise TypeError(f"calibration batches holding {type(first).__name__} cannot be joined")
+
+
 def capture_sequential(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -376,26 +405,67 @@ def capture_sequential(
     stats_factory: StatsFactory = lambda name, module: InputHessian(module),
     forward: ForwardFn | None = None,
     stop_early: bool = True,
+    one_pass: bool = True,
 ) -> SequentialRun:
     """SparseGPT's sequential mode on an arbitrary graph (module docstring).
 
-    For each layer in forward order (found on the first batch): hook it alone, run every batch, unhook, then
-    ``on_layer(name, module, stats)``, which is expected to prune the layer in place before the next layer's
-    statistics are taken. ``batches`` is read once into a list (it is replayed once per layer). With
-    ``stop_early`` a pass ends as soon as the hooked layer has its input, for layers that run once per forward.
-    Targeted layers that never run are not passed to ``on_layer``; they are listed in ``unreached``.
+    Every layer, in forward order (found on the first batch), gets ``on_layer(name, module, stats)`` with the
+    statistics of its input over all ``batches``, taken after the layers before it were passed to ``on_layer``
+    (which is expected to prune the layer in place). ``one_pass`` joins the batches and does it in one forward;
+    without it, each layer is hooked alone and every batch replayed (``batches`` is read once into a list), and
+    with ``stop_early`` such a pass ends as soon as the hooked layer has its input, for layers that run once per
+    forward. Targeted layers that never run are not passed to ``on_layer``; they are listed in ``unreached``.
     """
     forward = forward or default_forward
     batches = _materialise(batches)
     order, calls = forward_order(model, layers, batches[0], forward)
-    run = SequentialRun(order=order, unreached=[n for n in layers if calls[n] == 0])
+    run = SequentialRun(order=[], unreached=[n for n in layers if calls[n] == 0])
     if run.unreached:
         warnings.warn(
             f"{len(run.unreached)} targeted layer(s) never ran on the calibration batch and get no statistics: "
             f"{', '.join(run.unreached[:8])}{' ...' if len(run.unreached) > 8 else ''}",
             stacklevel=2,
         )
-    for name in order:
+    remaining = order
+    if one_pass:
+        try:
+            joined = join_batches(batches)
+        except TypeError as e:
+            warnings.warn(f"{e}; measuring one layer per pass instead (one_pass=False)", stacklevel=2)
+        else:
+            _one_pass(model, layers, [n for n in order if calls[n] == 1], joined, on_layer, stats_factory, forward, run)
+            remaining = [n for n in order if calls[n] > 1]
+    _pass_per_layer(model, layers, remaining, batches, on_layer, stats_factory, forward, stop_early, calls, run)
+    return run
+
+
+def _one_pass(model, layers, names, joined, on_layer, stats_factory, forward, run: SequentialRun) -> None:
+    """Every layer of ``names`` measured and passed to ``on_layer`` inside its own pre-hook, in one forward."""
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            stats = stats_factory(name, module)
+            stats.add(module, _input_of(args, kwargs))
+            on_layer(name, module, stats)  # prunes before the layer runs: later layers see its pruned output
+            run.order.append(name)
+
+        return hook
+
+    try:
+        for name in names:
+            handles.append(layers[name].register_forward_pre_hook(make_hook(name), with_kwargs=True))
+        with _EvalNoGrad(model):
+            run.passes += 1
+            forward(model, joined)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _pass_per_layer(model, layers, names, batches, on_layer, stats_factory, forward, stop_early, calls, run) -> None:
+    """Each layer of ``names`` hooked alone, every batch replayed up to it, then passed to ``on_layer``."""
+    for name in names:
         module = layers[name]
         stats = stats_factory(name, module)
         stop = stop_early and calls[name] == 1
@@ -417,7 +487,7 @@ def capture_sequential(
         finally:
             handle.remove()
         on_layer(name, module, stats)
-    return run
+        run.order.append(name)
 
 
 __all__ = [
@@ -435,5 +505,6 @@ __all__ = [
     "forward_order",
     "input_columns",
     "iter_input_columns",
+    "join_batches",
     "layer_groups",
 ]
