@@ -8,10 +8,11 @@ OBS solve (``oneshot.sparsegpt.sparsegpt_prune``) chooses the mask row by row an
 layer to make up for the pruned ones, in place, before the next layer is measured. Memory: one layer's Hessian at
 a time. With ``one_pass=True`` (default) all of it happens inside one forward over the calibration batches joined
 (each layer is pruned in its forward pre-hook, before it runs); ``one_pass=False`` replays the batches one at a
-time up to each layer instead (less activation memory, one pass per layer). ``prune()`` then applies the masks through the model's usual machinery; the "unmasked" weight is the
-updated one, whose pruned entries are already exactly zero, so mean / layer-mean recovery find nothing to add (the
-OBS update is this method's recovery) while BatchNorm re-estimation, save / load and ``merge_and_unload`` work as
-for every unstructured method. Note that ``calibrate`` changes the model's weights: it is the pruning step.
+time up to each layer instead (less activation memory, one pass per layer).
+``prune()`` then applies the masks through the model's usual machinery; the "unmasked" weight is the updated one,
+whose pruned entries are already exactly zero, so mean / layer-mean recovery find nothing to add (the OBS update is
+this method's recovery) while BatchNorm re-estimation, save / load and ``merge_and_unload`` work as for every
+unstructured method. Note that ``calibrate`` changes the model's weights: it is the pruning step.
 
 - ``scope="layer"``: every output row of every layer at ``sparsity`` (the solve's own per-row selection).
 - ``scope="global"``: one threshold over the OBS saliencies ``w^2 / [H^-1]_jj`` of the dense model (one more
