@@ -59,8 +59,8 @@ FINETUNED = ("plain", "pof", "gmp")
 ONE_SHOT = ("wanda", "sparsegpt")
 CONTENDERS = FINETUNED + ("base",) + ONE_SHOT
 VARIANTS = ["zero", "mean", "bn_recal", "mean+bn_recal"]
-# Calibration batches (of --batch_size un-augmented training images) per one-shot method: SparseGPT runs one
-# forward pass per layer, so it gets fewer.
+# Calibration batches (of --batch_size un-augmented training images) per one-shot method. SparseGPT got fewer when
+# it ran one forward pass per layer (before one_pass); kept at 4 so that its measured rows stay comparable.
 ONE_SHOT_BATCHES = {"wanda": 8, "sparsegpt": 4}
 
 
@@ -86,6 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune_epochs", type=int, default=2)
     p.add_argument("--finetune_lr", type=float, default=0.01)
     p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--opt", default="sgd", help="optimizer of the base and of every fine-tuning (timm name)")
+    p.add_argument("--weight_decay", type=float, default=5e-4)
+    p.add_argument(
+        "--base_cache",
+        default=str(BASE_CACHE),
+        help="committed copy of the base, restored when its flags match (one folder per architecture)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9, 0.95, 0.98])
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
@@ -163,9 +170,9 @@ def _recipe_flags(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "scale": [0.5, 1.0],
         "color_jitter": 0.0,
         "batch_size": args.batch_size,
-        "opt": "sgd",
+        "opt": args.opt,
         "momentum": 0.9,
-        "weight_decay": 5e-4,
+        "weight_decay": args.weight_decay,
         "sched": "cosine",
         "seed": seed,
         "bn_batches": args.bn_batches,
@@ -246,27 +253,29 @@ def _base_recipe(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _restore_cached_base(args: argparse.Namespace, out: str) -> bool:
-    """Copy the committed base (``bench/base_cache``) into ``out`` when it was trained with these flags."""
-    recorded = BASE_CACHE / "base_recipe.json"
+    """Copy the committed base (``--base_cache``) into ``out`` when it was trained with these flags."""
+    cache = Path(args.base_cache)
+    recorded = cache / "base_recipe.json"
     if not recorded.exists() or json.loads(recorded.read_text()) != json.loads(json.dumps(_base_recipe(args))):
         return False
-    shutil.copytree(BASE_CACHE, out, dirs_exist_ok=True)
-    print(f"[base] using the committed base {os.path.relpath(BASE_CACHE, ROOT)} (same flags; --retrain trains it)")
+    shutil.copytree(cache, out, dirs_exist_ok=True)
+    print(f"[base] using the committed base {os.path.relpath(cache, ROOT)} (same flags; --retrain trains it)")
     return True
 
 
 def cache_base(args: argparse.Namespace) -> None:
-    """Commit-sized copy of the finished base (weights, config, metrics; no checkpoints) into ``bench/base_cache``."""
+    """Commit-sized copy of the finished base (weights, config, metrics; no checkpoints) into ``--base_cache``."""
+    cache = Path(args.base_cache)
     out = os.path.join(args.workdir, "base")
-    tmp = BASE_CACHE.with_name(BASE_CACHE.name + ".tmp")
+    tmp = cache.with_name(cache.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in ("model.safetensors", "config.json", "metrics.json", "README.md"):
         if os.path.exists(os.path.join(out, name)):
             shutil.copy2(os.path.join(out, name), tmp / name)
     (tmp / "base_recipe.json").write_text(json.dumps(_base_recipe(args), indent=2) + "\n")
-    shutil.rmtree(BASE_CACHE, ignore_errors=True)
-    os.replace(tmp, BASE_CACHE)
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, cache)
 
 
 def train_base(args: argparse.Namespace) -> dict[str, Any]:

@@ -80,3 +80,31 @@ def test_sampled_thresholds_are_close_and_identical_for_the_same_step():
     again.pruner.step.fill_(0)
     again.penalty()
     assert torch.equal(again.pruner.candidates_0, first)  # same step, same sample: DDP ranks agree
+
+
+def _three_layers() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 8))
+    with torch.no_grad():
+        model[2].weight.mul_(4.0)  # a layer of larger weights: a global threshold prunes it less
+    return model
+
+
+def test_global_candidates_from_one_sample_over_all_layers_match_the_exact_sets():
+    levels = [0.5, 0.9]
+    counts = {}
+    for sample in (0, 8192):
+        config = timm_prune.PruneConfig(
+            sparsity=0.9, scope="global", penalty_sparsities=levels, threshold_sample=sample, penalty_weight=1.0
+        )
+        pm = timm_prune.convert(_three_layers(), config)
+        pm.pruner.select_candidates()
+        counts[sample] = torch.cat([c.flatten() for c in pm.pruner.candidate_counts().values()])
+        per_layer = [c.bool().float().mean().item() for c in pm.pruner.candidate_counts().values()]
+        assert per_layer[1] + 0.05 < min(per_layer[0], per_layer[2])  # one threshold, not one per layer
+    exact, sampled = counts[0], counts[8192]
+    assert (exact >= 1).float().mean().item() == pytest.approx(0.9, abs=1e-4)  # in the 90 % set
+    assert (exact == 2).float().mean().item() == pytest.approx(0.5, abs=1e-4)  # in both sets
+    assert (sampled >= 1).float().mean().item() == pytest.approx(0.9, abs=0.01)
+    assert (sampled == 2).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    assert (sampled != exact).float().mean().item() < 0.02

@@ -18,6 +18,7 @@ Our formulation (the paper is known to us by its abstract only; every choice is 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,12 @@ def _unit_shape(v: torch.Tensor) -> tuple[int, ...]:
 
 def _unit_norm(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], -1).norm(dim=1).clamp_min(_EPS).view(_unit_shape(v))
+
+
+def _levels(score: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """How many of the nested candidate sets hold each entry: one at or below the i-th (ascending) threshold is
+    in set i and in every larger one."""
+    return (len(thresholds) - torch.bucketize(score, thresholds, right=False)).to(torch.uint8)
 
 
 class Hyperspherical(nn.Module):
@@ -102,9 +109,10 @@ class PofOptions:
     # Sparsities the penalty polarises for at once: nested candidate sets, each weighted equally, so that one
     # trained model prunes well at any of them. None: just the config's sparsity.
     penalty_sparsities: list[float] | None = None
-    # Per-layer candidate thresholds (scope "layer") come from a random sample of this many of the layer's
-    # entries: the penalty needs the candidate set, not an exact count, and a full k-th value per layer at
-    # every refresh was most of the penalty's cost. 0: exact thresholds.
+    # Candidate thresholds come from a random sample of this many entries, of each layer (scope "layer") or of
+    # all layers at once (scope "global": one sample for every nested level): the penalty and the pruned
+    # forwards need the candidate sets, not exact counts, and exact k-th values at every refresh were most of
+    # their cost. 0: exact thresholds. prune() always uses exact ones.
     threshold_sample: int = 65536
     # Share of training forwards that run the PRUNED model: the candidates of one penalty sparsity (drawn
     # uniformly, seeded by the step) are zeroed in the forward, the gradient reaches every weight
@@ -201,31 +209,54 @@ class PofMethod(PruneMethod):
                 candidates.zero_()
             return
         sparsities = [scale * s for s in self.penalty_sparsities]
-        if self.config.scope == "layer" and self.config.pattern is None:
-            for name, candidates in self._candidates.items():
-                candidates.copy_(self._sampled_levels(self.scores(name), sparsities))
-        else:  # one exact global threshold per sparsity, or N:M sets (keep_masks follows config.pattern)
+        if self.config.pattern is not None:  # N:M sets (keep_masks follows config.pattern), one pass per level
             for candidates in self._candidates.values():
                 candidates.zero_()
             for sparsity in sparsities:
                 for name, keep in self.keep_masks(sparsity).items():
                     self._candidates[name].add_(~keep)
+        elif self.config.scope == "layer":
+            for name, candidates in self._candidates.items():
+                score = self.scores(name)
+                thresholds = self._thresholds([lambda s=score: s.reshape(-1)], [score.numel()], sparsities)
+                candidates.copy_(_levels(score, thresholds))
+        elif self.config.threshold_sample == 0:  # exact: one global threshold per sparsity
+            for candidates in self._candidates.values():
+                candidates.zero_()
+            for sparsity in sparsities:
+                for name, keep in self.keep_masks(sparsity).items():
+                    self._candidates[name].add_(~keep)
+        else:  # every level's global threshold from one sample over all layers, then one pass per layer
+            names = list(self._candidates)
+            scores = [lambda n=n: self.scores(n).reshape(-1) for n in names]
+            thresholds = self._thresholds(scores, [self._candidates[n].numel() for n in names], sparsities)
+            for name, candidates in self._candidates.items():
+                candidates.copy_(_levels(self.scores(name), thresholds))
 
-    def _sampled_levels(self, score: torch.Tensor, sparsities: list[float]) -> torch.Tensor:
-        """How many of the nested candidate sets hold each entry, with thresholds from a sample of ``score``."""
-        flat = score.reshape(-1)
-        sample = flat
-        if 0 < self.config.threshold_sample < flat.numel():
+    def _thresholds(
+        self, scores: list[Callable[[], torch.Tensor]], sizes: list[int], sparsities: list[float]
+    ) -> torch.Tensor:
+        """Thresholds of the nested candidate sets, one per sparsity, over the entries of every ``scores()`` (flat
+        tensors of ``sizes`` entries, computed one at a time) taken together: from a random sample of
+        ``threshold_sample`` of them, or all of them (0, or fewer entries than that)."""
+        total = sum(sizes)
+        if 0 < self.config.threshold_sample < total:
+            device = self.device()
             # Seeded by the step: every DDP rank (and a resumed run) draws the same sample.
-            generator = torch.Generator(device=flat.device).manual_seed(int(self.step))
-            index = torch.randint(
-                flat.numel(), (self.config.threshold_sample,), generator=generator, device=flat.device
-            )
-            sample = flat[index]
+            generator = torch.Generator(device=device).manual_seed(int(self.step))
+            index = torch.randint(total, (self.config.threshold_sample,), generator=generator, device=device)
+            index = index.sort().values
+            parts, start = [], 0
+            for score_fn in scores:  # each layer's share of the sample, without a copy of all scores at once
+                score = score_fn()
+                lo, hi = torch.searchsorted(index, torch.tensor([start, start + score.numel()], device=device))
+                parts.append(score[index[lo:hi] - start])
+                start += score.numel()
+            sample = torch.cat(parts)
+        else:
+            sample = torch.cat([score_fn() for score_fn in scores])
         ranks = [max(1, min(sample.numel(), round(p * sample.numel()))) for p in sparsities]
-        thresholds = torch.stack([sample.kthvalue(k).values for k in ranks])
-        # An entry at or below the i-th threshold is in set i and in every larger one.
-        return (len(sparsities) - torch.bucketize(score, thresholds, right=False)).to(torch.uint8)
+        return torch.stack([sample.kthvalue(k).values for k in ranks])
 
     def pruned_forward_level(self) -> int | None:
         """Index into ``penalty_sparsities`` of the level this training step's forward runs pruned at, or None.
