@@ -209,7 +209,8 @@ class PofMethod(PruneMethod):
                 candidates.zero_()
             return
         sparsities = [scale * s for s in self.penalty_sparsities]
-        if self.config.pattern is not None:  # N:M sets (keep_masks follows config.pattern), one pass per level
+        exact_global = self.config.scope == "global" and self.config.threshold_sample == 0
+        if self.config.pattern is not None or exact_global:  # N:M sets or exact thresholds: keep_masks per level
             for candidates in self._candidates.values():
                 candidates.zero_()
             for sparsity in sparsities:
@@ -220,12 +221,6 @@ class PofMethod(PruneMethod):
                 score = self.scores(name)
                 thresholds = self._thresholds([lambda s=score: s.reshape(-1)], [score.numel()], sparsities)
                 candidates.copy_(_levels(score, thresholds))
-        elif self.config.threshold_sample == 0:  # exact: one global threshold per sparsity
-            for candidates in self._candidates.values():
-                candidates.zero_()
-            for sparsity in sparsities:
-                for name, keep in self.keep_masks(sparsity).items():
-                    self._candidates[name].add_(~keep)
         else:  # every level's global threshold from one sample over all layers, then one pass per layer
             names = list(self._candidates)
             scores = [lambda n=n: self.scores(n).reshape(-1) for n in names]
