@@ -13,14 +13,16 @@ from typing import Any
 DATA_FREE = ("zero", "mean")
 WITH_DATA = ("bn_recal", "mean+bn_recal")
 ORDER = (
-    "pof", "plain", "gmp", "base", "wanda", "sparsegpt", "wanda_global", "sparsegpt_global", "wanda_base",
-    "sparsegpt_base", "wanda_global_base", "sparsegpt_global_base",
+    "pof", "plain", "plain_layer", "gmp", "base", "base_layer", "wanda", "sparsegpt", "wanda_global",
+    "sparsegpt_global", "wanda_base", "sparsegpt_base", "wanda_global_base", "sparsegpt_global_base",
 )  # fmt: skip
 LABELS = {
     "plain": "plain FT + global magnitude",
     "pof": "POF FT (one model)",
     "gmp": "GMP FT (one model per sparsity)",
     "base": "base, no FT, global magnitude",
+    "plain_layer": "plain FT + magnitude per layer",
+    "base_layer": "base, no FT, magnitude per layer",
     "wanda": "plain FT + Wanda (one-shot, per layer)",
     "sparsegpt": "plain FT + SparseGPT (one-shot, per layer)",
     "wanda_base": "base, no FT, Wanda (per layer)",

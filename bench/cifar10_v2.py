@@ -57,7 +57,9 @@ RESULTS = ROOT / "bench" / "results"
 BASE_CACHE = ROOT / "bench" / "base_cache"
 FINETUNED = ("plain", "pof", "gmp")
 ONE_SHOT = ("wanda", "sparsegpt")
-CONTENDERS = FINETUNED + ("base",) + ONE_SHOT
+# "layer_magnitude": the plain fine-tuned models and the base pruned by magnitude per layer (the same sparsity in
+# every layer) instead of one global threshold; the fair baseline for nets whose layers' scales differ widely.
+CONTENDERS = FINETUNED + ("base", "layer_magnitude") + ONE_SHOT
 VARIANTS = ["zero", "mean", "bn_recal", "mean+bn_recal"]
 # Calibration batches (of --batch_size un-augmented training images) per one-shot method. SparseGPT got fewer when
 # it ran one forward pass per layer (before one_pass); kept at 4 so that its measured rows stay comparable.
@@ -307,6 +309,7 @@ def _row_keys(args: argparse.Namespace, name: str, spec: dict[str, Any]) -> set[
     runs = [name]
     if spec["contender"] == "plain":  # the one-shot methods run on the plain fine-tuned models
         runs += [f"{m}{suffix}-s{spec['seed']}" for m in ONE_SHOT if m in args.contenders for suffix in ("", "_global")]
+        runs += [f"plain_layer-s{spec['seed']}"] if "layer_magnitude" in args.contenders else []
     return {(run, split, s, v) for run in runs for split in ("test", "val") for s, v in cells}
 
 
@@ -365,6 +368,10 @@ def eval_jobs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> lis
         if "base" in args.contenders and _finished(base_dir):
             labels = {"contender": "base", "seed": None}
             out.append((labels, job("base", base_dir, "magnitude", {}, args.sparsities, VARIANTS)))
+        if "layer_magnitude" in args.contenders and _finished(base_dir):
+            labels = {"contender": "base_layer", "seed": None}
+            layer_job = job("base_layer", base_dir, "magnitude", {"scope": "layer"}, args.sparsities, VARIANTS)
+            out.append((labels, layer_job))
         for name, spec in specs.items():
             run_dir = os.path.join(args.workdir, name)
             if not _finished(run_dir):
@@ -377,6 +384,11 @@ def eval_jobs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> lis
                 out.append((labels, job(name, run_dir, "pof", options, args.sparsities, VARIANTS)))
             else:
                 out.append((labels, job(name, run_dir, "magnitude", {}, args.sparsities, VARIANTS)))
+            if spec["contender"] == "plain" and "layer_magnitude" in args.contenders:
+                layer_labels = {"contender": "plain_layer", "seed": spec["seed"]}
+                layer_job = job(f"plain_layer-s{spec['seed']}", run_dir, "magnitude", {"scope": "layer"},
+                                args.sparsities, VARIANTS)  # fmt: skip
+                out.append((layer_labels, layer_job))
         # One-shot methods on the plain fine-tuned models (same budget) and on the base (no training at all).
         for method in ONE_SHOT:
             if method not in args.contenders:
