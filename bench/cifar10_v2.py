@@ -221,7 +221,8 @@ def finetune_specs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if "plain" in args.contenders:
             specs[f"plain-s{seed}"] = {"contender": "plain", "seed": seed, "method": "magnitude", "sparsity": 0.0}
         # The default POF with "pof" among --contenders; every --pof_variants entry whenever it is given.
-        flags = {"method": "pof", "sparsity": max(s for s in args.sparsities if s <= 0.9), **pof_options(args)}
+        sparsity = max((s for s in args.sparsities if s <= 0.9), default=min(args.sparsities))
+        flags = {"method": "pof", "sparsity": sparsity, **pof_options(args)}
         if "pof" in args.contenders:
             specs[f"pof-s{seed}"] = {"contender": "pof", "seed": seed, **flags}
         for name, options in args.pof_variants.items():
@@ -361,8 +362,10 @@ def eval_jobs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> lis
 
         def job(run: str, run_dir: str, method: str, options: dict, sparsities: list, variants: list, common=common):
             scopes = [options.pop("scope", "global")]
+            # A base restored from --base_cache has its saved (dense) model but no epoch checkpoints.
+            weights = "checkpoint" if os.path.isdir(os.path.join(run_dir, "checkpoints")) else "saved"
             return EvalJob(run, run_dir, method=method, options=options, scopes=scopes, sparsities=sparsities,
-                           variants=variants, **common)  # fmt: skip
+                           variants=variants, weights=weights, **common)  # fmt: skip
 
         base_dir = os.path.join(args.workdir, "base")
         if "base" in args.contenders and _finished(base_dir):
