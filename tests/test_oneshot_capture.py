@@ -271,7 +271,8 @@ def test_join_batches_structures_and_errors():
     assert joined[1].tolist() == [0, 1, 2]
     joined = join_batches([{"pixel_values": a}, {"pixel_values": b}])
     assert torch.equal(joined["pixel_values"], torch.cat([a, b]))
-    for bad in ([a, torch.randn(1, 4)], [a, (b,)], [{"x": a}, {"y": b}], [["text"], ["more"]]):
+    scalars = [(a, torch.tensor(1.0)), (b, torch.tensor(2.0))]  # a 0-d leaf has no batch dim to join along
+    for bad in ([a, torch.randn(1, 4)], [a, (b,)], [{"x": a}, {"y": b}], [["text"], ["more"]], scalars):
         with pytest.raises(TypeError, match="cannot be joined"):
             join_batches(bad)
 

@@ -383,9 +383,9 @@ def join_batches(batches: list[Any]) -> Any:
     the same structure. Raises ``TypeError`` for anything else."""
     first = batches[0]
     if isinstance(first, torch.Tensor):
-        if not all(isinstance(b, torch.Tensor) and b.shape[1:] == first.shape[1:] for b in batches):
-            raise TypeError("calibration batches of different types or shapes cannot be joined")
-        return torch.cat(batches) if first.dim() > 0 else first
+        if first.dim() == 0 or not all(isinstance(b, torch.Tensor) and b.shape[1:] == first.shape[1:] for b in batches):
+            raise TypeError("calibration batches of different types or shapes, or 0-d tensors, cannot be joined")
+        return torch.cat(batches)
     if isinstance(first, (tuple, list)):
         if not all(isinstance(b, type(first)) and len(b) == len(first) for b in batches):
             raise TypeError("calibration batches of different structures cannot be joined")
