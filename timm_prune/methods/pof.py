@@ -44,7 +44,8 @@ def _unit_norm(v: torch.Tensor) -> torch.Tensor:
 def _levels(score: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """How many of the nested candidate sets hold each entry: one at or below the i-th (ascending) threshold is
     in set i and in every larger one."""
-    return (len(thresholds) - torch.bucketize(score, thresholds, right=False)).to(torch.uint8)
+    # contiguous: a channels-last layer's scores are not, and bucketize would warn and copy them anyway.
+    return (len(thresholds) - torch.bucketize(score.contiguous(), thresholds, right=False)).to(torch.uint8)
 
 
 class Hyperspherical(nn.Module):
@@ -64,6 +65,10 @@ class Hyperspherical(nn.Module):
         weight = torch._weight_norm(direction, magnitude.view(_unit_shape(direction)), 0)
         if self.forward_keep is not None:
             weight = weight - (weight * ~self.forward_keep).detach()
+        if weight.stride() != direction.stride():
+            # The kernel returns contiguous strides; a channels-last model's convolutions pick their (much faster)
+            # kernels by the weight's strides, as a plain layer's weight has them: give the weight the direction's.
+            weight = torch.empty_like(direction, dtype=weight.dtype).copy_(weight)
         return weight
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
