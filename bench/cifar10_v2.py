@@ -504,7 +504,8 @@ def main(argv: list[str] | None = None) -> None:
         bf16=args.bf16,
         jobs=args.jobs,
         pof_options=pof_options(args),
-        pof_variants=args.pof_variants,
+        # Every variant measured so far (a later invocation may name only some): the report lists their options.
+        pof_variants={**results.get("pof_variants", {}), **args.pof_variants},
     )
     if not args.report_only:  # the command that measured the rows, not the one that re-wrote the report
         results["command"] = "python bench/cifar10_v2.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -306,7 +306,9 @@ def test_one_pass_prunes_exactly_like_a_pass_per_layer(name):
     agree = sum(int((keeps_1[n] == keeps_n[n]).sum()) for n in keeps_1)
     assert agree >= sum(k.numel() for k in keeps_1.values()) - 4
     for n in weights_1:
-        torch.testing.assert_close(weights_1[n], weights_n[n], rtol=1e-3, atol=1e-3)
+        # A flipped tie changes the error compensation of the rest of its row: compare the rows whose masks agree.
+        same = (keeps_1[n] == keeps_n[n]).flatten(1).all(dim=1)
+        torch.testing.assert_close(weights_1[n][same], weights_n[n][same], rtol=1e-3, atol=1e-3)
     ref_weights = dict(reference.named_parameters())
     assert any(not torch.equal(weights_1[n], ref_weights[n + ".weight"]) for n in weights_1)
 

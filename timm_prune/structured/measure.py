@@ -9,7 +9,6 @@ element-wise ops are not counted).
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -110,20 +109,6 @@ def measure_flops(model: nn.Module, example: torch.Tensor) -> float:
         for p, flag in frozen:
             p.requires_grad_(flag)
     return float(counter.get_total_flops())
-
-
-def measure_latency(model: nn.Module, example: torch.Tensor, runs: int = 10) -> float:
-    """Median CPU latency in milliseconds of one forward at batch 1 (after two warm-up runs)."""
-    x = example[:1].detach().cpu()
-    model = model.cpu() if next(model.parameters()).device.type != "cpu" else model
-    times = []
-    with torch.inference_mode():
-        for i in range(runs + 2):
-            start = time.perf_counter()
-            model(x)
-            if i >= 2:
-                times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def paired_latency(
