@@ -499,8 +499,10 @@ def main(argv: list[str] | None = None) -> None:
         finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr,
         img_size=args.img_size,
-        sparsities=args.sparsities,
-        seeds=args.seeds,
+        # Every sparsity and seed measured so far: an invocation that adds some (--sparsities 0.95 0.98) must not
+        # shrink the report's columns to its own.
+        sparsities=sorted({*results.get("sparsities", []), *args.sparsities}),
+        seeds=sorted({*results.get("seeds", []), *args.seeds}),
         bf16=args.bf16,
         jobs=args.jobs,
         pof_options=pof_options(args),
