@@ -20,11 +20,14 @@ TINY = [
 ]  # fmt: skip
 
 
-def run_recipe(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+def run_recipe(
+    args: list[str], tmp_path: Path, tiny: list[str] = TINY, timeout: int = 240
+) -> subprocess.CompletedProcess:
+    """The recipe in a subprocess, offline, after ``tiny`` (flags that keep it small; they override a ``--config``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    command = [sys.executable, str(REPO / "recipes" / "train.py"), *TINY, *args]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    command = [sys.executable, str(REPO / "recipes" / "train.py"), *tiny, *args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
     return result
 
@@ -104,13 +107,10 @@ CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"
 def test_finetune_recipe_starts_from_the_committed_base_with_its_pof_settings(tmp_path: Path):
     out = tmp_path / "finetuned"
     recipe = REPO / "recipes" / "configs" / "cifar10_finetune_pof.yaml"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    command = [sys.executable, str(REPO / "recipes" / "train.py"), "--config", str(recipe), "--max_train_steps", "2"]
-    command += ["--max_train_samples", "512", "--max_eval_samples", "200", "--bn_batches", "2", "--num_workers", "0"]
-    command += ["--report_to", "none", "--output_dir", str(out)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    # Not TINY: its method and sparsity flags would override the recipe's.
+    small = ["--max_train_steps", "2", "--max_train_samples", "512", "--max_eval_samples", "200", "--bn_batches", "2"]
+    small += ["--num_workers", "0", "--report_to", "none"]
+    run_recipe(["--config", str(recipe), "--output_dir", str(out)], tmp_path, tiny=small, timeout=300)
     summary = json.loads((out / "metrics.json").read_text())
     config = summary["prune_config"]
     assert config["pruned_forward"] == 0.25 and config["penalty_sparsities"] == [0.5, 0.7, 0.9, 0.95]
