@@ -128,17 +128,19 @@ def label(contender: str) -> str:
 def main_table(results: dict[str, Any]) -> str:
     test = aggregate(results["rows"], "test")
     sparsities = results["sparsities"]
-    head = "| contender | variant | dense | " + " | ".join(f"{100 * s:.0f} %" for s in sparsities) + " |"
-    lines = [head, "|---|---|---:|" + "---:|" * len(sparsities)]
+    head = "| contender | variant | seeds | dense | " + " | ".join(f"{100 * s:.0f} %" for s in sparsities) + " |"
+    lines = [head, "|---|---|---:|---:|" + "---:|" * len(sparsities)]
     for contender in contenders_in_order(results):
         chosen = results["choices"].get(contender)
         if not chosen:
             continue
+        # Contenders may have more seeds than others (a gap worth pinning down got more): say how many.
+        seeds = len({r["seed"] for r in results["rows"] if r["contender"] == contender and r["split"] == "test"})
         dense = test.get((contender, "dense", 0.0))
         variants = sorted(set(chosen.values()), key=lambda v: (v not in DATA_FREE, v))
         for variant in variants:
             cells = [_cell(test.get((contender, variant, s))) for s in sparsities]
-            lines.append(f"| {label(contender)} | {variant} | {_cell(dense)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label(contender)} | {variant} | {seeds} | {_cell(dense)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -260,7 +262,9 @@ def write_results(results: dict[str, Any], directory: Path) -> None:
         f"Fine-tuning budget: {results['finetune_epochs']} epochs (lr {results.get('finetune_lr')}), seeds "
         f"{results['seeds']}. Cells: mean ± std over seeds, test top-1 (%). Variants chosen on the held-out split.",
         "",
-        f"Command: `{results.get('command')}`",
+        "Commands (each measured some of the rows; finished runs and rows are reused):",
+        "",
+        *[f"- `{command}`" for command in results.get("commands", [results.get("command")])],
         "",
         f"POF fine-tuning options: `{json.dumps(results.get('pof_options'))}`; variants (over those): "
         + (", ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in (results.get("pof_variants") or {}).items()) or "none"),

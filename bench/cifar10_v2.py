@@ -314,14 +314,19 @@ def _row_keys(args: argparse.Namespace, name: str, spec: dict[str, Any]) -> set[
     return {(run, split, s, v) for run in runs for split in ("test", "val") for s, v in cells}
 
 
+def measured_rows(args: argparse.Namespace) -> dict[tuple, dict[str, Any]]:
+    """The rows in the results so far, by ``(run, split, sparsity, variant)`` (none with ``--retrain``)."""
+    path = Path(args.results) / "cifar10_v2.json"
+    if args.retrain or not path.exists():
+        return {}
+    return {(r["run"], r["split"], r["sparsity"], r["variant"]): r for r in json.loads(path.read_text())["rows"]}
+
+
 def measured_runs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> set[str]:
     """Runs whose rows are all in the results already: no need to train them again (their folders are git-ignored
     and gone in a new checkout; the rows are committed)."""
-    path = Path(args.results) / "cifar10_v2.json"
-    if args.retrain or not path.exists():
-        return set()
-    index = {(r["run"], r["split"], r["sparsity"], r["variant"]) for r in json.loads(path.read_text()).get("rows", [])}
-    return {name for name, spec in specs.items() if _row_keys(args, name, spec) <= index}
+    index = measured_rows(args)
+    return {name for name, spec in specs.items() if index and _row_keys(args, name, spec) <= index.keys()}
 
 
 def train_finetunes(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> None:
@@ -415,11 +420,9 @@ def eval_jobs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> lis
 
 
 def reuse_rows(args: argparse.Namespace, jobs: list[tuple[dict, EvalJob]]) -> tuple[list[dict], list[tuple]]:
-    path = Path(args.results) / "cifar10_v2.json"
-    if args.retrain or not path.exists():
+    index = measured_rows(args)
+    if not index:
         return [], jobs
-    previous = json.loads(path.read_text()).get("rows", [])
-    index = {(r["run"], r["split"], r["sparsity"], r["variant"]): r for r in previous}
     reused, todo, covered = [], [], set()
     for labels, job in jobs:
         keys = [(job.run, job.split, s, v) for s in job.sparsities for v in job.variants]
@@ -509,8 +512,11 @@ def main(argv: list[str] | None = None) -> None:
         # Every variant measured so far (a later invocation may name only some): the report lists their options.
         pof_variants={**results.get("pof_variants", {}), **args.pof_variants},
     )
-    if not args.report_only:  # the command that measured the rows, not the one that re-wrote the report
-        results["command"] = "python bench/cifar10_v2.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if not args.report_only:  # the commands that measured rows, not the ones that re-wrote the report
+        command = "python bench/cifar10_v2.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        commands = results.get("commands", [results["command"]] if "command" in results else [])
+        results["commands"] = [c for c in commands if c != command] + [command]
+        results["command"] = command
     if not args.report_only:
         results["base"] = train_base(args)
         train_finetunes(args, specs)

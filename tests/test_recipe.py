@@ -20,11 +20,11 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
-CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"
 sys.path.insert(0, str(RECIPES))
 sys.path.insert(0, str(REPO / "tests"))
 
 import recipe_args  # noqa: E402  (recipes/ is a folder of scripts, not a package)
+from shared_data import CIFAR10, requires_cifar10  # noqa: E402
 
 import timm_prune  # noqa: E402
 from timm_prune.data import ImageClassificationDataset, create_transforms, load_image_splits  # noqa: E402
@@ -268,7 +268,7 @@ def test_builtin_digits_and_seeded_augmentation() -> None:
     assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
 
 
-@pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"real CIFAR-10 not found at {CIFAR10}")
+@requires_cifar10
 def test_cifar10_parquet_directory_columns_are_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 

@@ -14,6 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from shared_data import requires_cifar10  # noqa: E402
+
 TINY = [
     "--img_size", "16", "--batch_size", "16", "--max_train_samples", "64", "--max_eval_samples", "32",
     "--num_workers", "0", "--bn_batches", "2", "--report_to", "none", "--method", "magnitude", "--sparsity", "0",
@@ -100,10 +103,7 @@ def test_a_missing_local_dir_is_a_one_line_error(tmp_path: Path):
     assert not (tmp_path / "o").exists()
 
 
-CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"
-
-
-@pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"CIFAR-10 (parquet) not found at {CIFAR10}")
+@requires_cifar10
 def test_finetune_recipe_starts_from_the_committed_base_with_its_pof_settings(tmp_path: Path):
     out = tmp_path / "finetuned"
     recipe = REPO / "recipes" / "configs" / "cifar10_finetune_pof.yaml"

@@ -5,6 +5,8 @@ Our formulation (the paper is known to us by its abstract only; every choice is 
 - Each targeted layer's weight is re-parametrised per output unit as ``w = g * v / ||v||``
   (``torch.nn.utils.parametrize``; the module keeps its class and forward). ``g`` starts at ``||w||``,
   so conversion does not change the outputs, and ``u = v / ||v||`` lives on the unit sphere.
+  ``hyperspherical=False`` keeps the plain weights (``v = w``): the penalty below has the same value (a share of
+  each unit's energy does not depend on its scale) but acts on ``w`` itself, magnitudes included.
 - The candidates are the entries pruning would remove now: per layer the ``sparsity`` fraction with the
   smallest ``|u|`` (``criterion="direction"``) or ``|w|`` (``criterion="weight"``); with
   ``scope="global"`` one threshold on the effective weights ``|w|`` (directions of layers with different
@@ -48,23 +50,39 @@ def _levels(score: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return (len(thresholds) - torch.bucketize(score.contiguous(), thresholds, right=False)).to(torch.uint8)
 
 
-class Hyperspherical(nn.Module):
-    """``(g, v) -> g * v / ||v||`` per output unit; ``g`` is 1-D (one magnitude per unit).
+class PrunedForward(nn.Module):
+    """Identity on the weight, except while ``forward_keep`` is set: for the duration of one of POF's
+    pruned-forward training steps the weight runs with the entries outside it at zero. ``straight_through``: the
+    gradient still reaches every entry; else only the kept ones. The parametrization of ``hyperspherical=False``
+    layers."""
 
-    ``forward_keep`` is set only for the duration of one of POF's pruned-forward training steps: the weight then
-    runs with the entries outside it at zero, and the gradient still reaches every entry (straight-through).
-    """
-
-    def __init__(self) -> None:
+    def __init__(self, straight_through: bool = True) -> None:
         super().__init__()
+        self.straight_through = straight_through
         self.forward_keep: torch.Tensor | None = None
+
+    def prune_forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.forward_keep is None:
+            return weight
+        if self.straight_through:
+            return weight - (weight * ~self.forward_keep).detach()
+        return weight * self.forward_keep
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.prune_forward(weight)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+
+class Hyperspherical(PrunedForward):
+    """``(g, v) -> g * v / ||v||`` per output unit; ``g`` is 1-D (one magnitude per unit); pruned forwards as
+    ``PrunedForward``."""
 
     def forward(self, magnitude: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
         # torch's fused weight-norm kernel (what nn.utils.parametrizations.weight_norm runs): about 7x faster
         # than the same expression in separate ops on CPU, and this runs on every training step.
-        weight = torch._weight_norm(direction, magnitude.view(_unit_shape(direction)), 0)
-        if self.forward_keep is not None:
-            weight = weight - (weight * ~self.forward_keep).detach()
+        weight = self.prune_forward(torch._weight_norm(direction, magnitude.view(_unit_shape(direction)), 0))
         if weight.stride() != direction.stride():
             # The kernel returns contiguous strides; a channels-last model's convolutions pick their (much faster)
             # kernels by the weight's strides, as a plain layer's weight has them: give the weight the direction's.
@@ -129,8 +147,19 @@ class PofOptions:
     # schedule (as GMP's masks do), so that a trained model is polarised a little at a time rather than losing its
     # 98 % candidates' energy in the first epoch. 0: full sets from the first call.
     sparsity_ramp: int = 0
+    # Re-parametrise each layer's weight as g * v / ||v|| (the penalty drains the direction v and leaves the
+    # magnitudes g free). False: plain weights, the penalty acts on them directly, and no parametrization runs at
+    # all unless pruned_forward needs one (a training step then costs about what a plain one does).
+    hyperspherical: bool = True
+    # Pruned forwards pass their gradient to every weight (True: straight-through, so a pruned entry can grow back
+    # into the kept set) or to the kept ones only (False: the pruned entries learn from the dense forwards alone;
+    # a hyperspherical layer's still see the gradient through the norm of v).
+    straight_through: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("hyperspherical", "straight_through"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"PruneConfig.{name} must be True or False; got {getattr(self, name)!r}")
         if not is_int(self.penalty_warmup) or self.penalty_warmup < 0:
             raise ValueError(f"PruneConfig.penalty_warmup must be an integer >= 0; got {self.penalty_warmup!r}")
         if not is_int(self.threshold_refresh) or self.threshold_refresh < 1:
@@ -175,7 +204,11 @@ class PofMethod(PruneMethod):
             # resumed run must get them back from the checkpoint to continue exactly. Each entry holds how many of
             # the nested candidate sets (one per penalty sparsity) contain it.
             self.register_buffer(f"candidates_{index}", torch.zeros_like(module.weight, dtype=torch.uint8))
-            parametrize.register_parametrization(module, "weight", Hyperspherical())
+            straight_through = self.config.straight_through
+            if self.config.hyperspherical:
+                parametrize.register_parametrization(module, "weight", Hyperspherical(straight_through))
+            elif self.config.pruned_forward > 0:
+                parametrize.register_parametrization(module, "weight", PrunedForward(straight_through))
 
     @property
     def _candidates(self) -> dict[str, torch.Tensor]:
@@ -186,7 +219,12 @@ class PofMethod(PruneMethod):
         return dict(self._candidates)
 
     def direction(self, name: str) -> torch.Tensor:
-        return self.layers[name].parametrizations.weight.original1
+        """The parameter the penalty drains: the direction ``v`` of a hyperspherical layer, else the weight."""
+        module = self.layers[name]
+        if not parametrize.is_parametrized(module, "weight"):
+            return module.weight
+        weights = module.parametrizations.weight
+        return weights.original1 if self.config.hyperspherical else weights.original
 
     def scores(self, name: str) -> torch.Tensor:
         if self.config.scope == "layer" and self.config.criterion == "direction":
