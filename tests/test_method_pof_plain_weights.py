@@ -59,28 +59,6 @@ def test_the_penalty_polarises_plain_weights():
     assert all(after[n] < 0.5 * before[n] for n in before), (before, after)
 
 
-@pytest.mark.parametrize("hyperspherical", [True, False])
-def test_a_pruned_forward_on_either_parametrisation_runs_the_pruned_model_straight_through(hyperspherical):
-    pm = _pm(hyperspherical, pruned_forward=1.0).train()
-    pm.penalty()  # selects the candidate sets
-    level = pm.pruner.pruned_forward_level()
-    assert level is not None
-    x = torch.randn(6, 3, 32, 32)
-    plain = pm.merge_and_unload().train()
-    counts = pm.pruner.candidate_counts()
-    with torch.no_grad():
-        for name, count in counts.items():
-            plain.get_submodule(name).weight.mul_(count < len(SPARSITIES) - level)
-    out = pm(x)
-    torch.testing.assert_close(out, plain(x), atol=1e-5, rtol=1e-4)
-    out.square().mean().backward()
-    name = next(iter(pm.targets))
-    pruned = counts[name] >= len(SPARSITIES) - level
-    assert pruned.any() and pm.pruner.direction(name).grad[pruned].abs().sum() > 0
-    with torch.no_grad():  # the mask lasted one forward
-        torch.testing.assert_close(pm.eval()(x), pm.merge_and_unload().eval()(x))
-
-
 def test_plain_weights_train_prune_save_and_load(tmp_path):
     pm = _pm(hyperspherical=False, pruned_forward=0.5).train()
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))

@@ -12,12 +12,13 @@ import timm_prune
 SPARSITIES = [0.5, 0.8]
 
 
-def _pm(pruned_forward: float) -> timm_prune.PrunableModel:
+def _pm(pruned_forward: float, hyperspherical: bool = True) -> timm_prune.PrunableModel:
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=4)
     config = timm_prune.PruneConfig(
-        method="pof", sparsity=0.8, scope="global", penalty_sparsities=SPARSITIES, pruned_forward=pruned_forward
-    )
+        method="pof", sparsity=0.8, scope="global", penalty_sparsities=SPARSITIES, pruned_forward=pruned_forward,
+        hyperspherical=hyperspherical,
+    )  # fmt: skip
     pm = timm_prune.convert(model, config)
     pm.penalty()  # selects the candidate sets (and counts one training call)
     return pm
@@ -27,8 +28,9 @@ def _bn_buffers(pm: timm_prune.PrunableModel) -> list[torch.Tensor]:
     return [b.clone() for n, b in pm.model.named_buffers() if "running" in n]
 
 
-def test_a_pruned_forward_runs_the_pruned_model_and_leaves_bn_statistics_alone():
-    pm = _pm(pruned_forward=1.0).train()
+@pytest.mark.parametrize("hyperspherical", [True, False])
+def test_a_pruned_forward_runs_the_pruned_model_and_leaves_bn_statistics_alone(hyperspherical):
+    pm = _pm(pruned_forward=1.0, hyperspherical=hyperspherical).train()
     level = pm.pruner.pruned_forward_level()
     assert level is not None
     x = torch.randn(6, 3, 32, 32)
@@ -46,7 +48,7 @@ def test_a_pruned_forward_runs_the_pruned_model_and_leaves_bn_statistics_alone()
     # Straight-through: the pruned entries get a gradient too.
     out.square().mean().backward()
     name = next(iter(pm.targets))
-    grad = pm.targets[name].parametrizations.weight.original1.grad
+    grad = pm.pruner.direction(name).grad
     pruned = counts[name] >= len(SPARSITIES) - level
     assert pruned.any() and grad[pruned].abs().sum() > 0
     # Nothing outlives the forward: eval and dense training forwards are the model's own.
