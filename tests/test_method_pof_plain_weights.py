@@ -92,7 +92,7 @@ def test_without_straight_through_a_pruned_forward_trains_only_the_kept_weights(
     assert kept_with_gradient > 0
 
 
-@pytest.mark.parametrize("field", ["hyperspherical", "straight_through"])
+@pytest.mark.parametrize("field", ["hyperspherical", "straight_through", "hold_norms"])
 def test_a_bad_switch_names_the_field(field):
     with pytest.raises(ValueError, match=field):
         timm_prune.PruneConfig(method="pof", **{field: "no"})

@@ -12,12 +12,12 @@ import timm_prune
 SPARSITIES = [0.5, 0.8]
 
 
-def _pm(pruned_forward: float, hyperspherical: bool = True) -> timm_prune.PrunableModel:
+def _pm(pruned_forward: float, hyperspherical: bool = True, **options) -> timm_prune.PrunableModel:
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=4)
     config = timm_prune.PruneConfig(
         method="pof", sparsity=0.8, scope="global", penalty_sparsities=SPARSITIES, pruned_forward=pruned_forward,
-        hyperspherical=hyperspherical,
+        hyperspherical=hyperspherical, **options,
     )  # fmt: skip
     pm = timm_prune.convert(model, config)
     pm.penalty()  # selects the candidate sets (and counts one training call)
@@ -53,6 +53,34 @@ def test_a_pruned_forward_runs_the_pruned_model_and_leaves_bn_statistics_alone(h
     assert pruned.any() and grad[pruned].abs().sum() > 0
     # Nothing outlives the forward: eval and dense training forwards are the model's own.
     assert all(m.parametrizations.weight[0].forward_keep is None for m in pm.targets.values())
+
+
+def _pruned_forward_with_shifted_norms(hold_norms: bool) -> tuple[timm_prune.PrunableModel, torch.Tensor]:
+    pm = _pm(pruned_forward=1.0, hold_norms=hold_norms).train()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a trained model's shifts, so that a lost bias would show in the output
+        for m in pm.model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.bias.copy_(torch.randn(m.bias.shape, generator=generator))
+    return pm, pm(torch.randn(6, 3, 32, 32, generator=generator))
+
+
+def test_hold_norms_keeps_the_pruned_forwards_gradient_off_the_norm_layers():
+    grads = {}
+    outputs = {}
+    for hold_norms in (True, False):
+        pm, out = _pruned_forward_with_shifted_norms(hold_norms)
+        norms = [m for m in pm.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        # The parameters are back in place after the forward: the same Parameter objects the optimizer holds.
+        assert all(isinstance(p, torch.nn.Parameter) for m in norms for p in (m.weight, m.bias))
+        assert all(p in set(pm.parameters()) for m in norms for p in (m.weight, m.bias))
+        out.square().mean().backward()
+        # A gradient tensor either way (DDP expects every parameter to get one), zero when held.
+        grads[hold_norms] = sum(float(m.weight.grad.abs().sum() + m.bias.grad.abs().sum()) for m in norms)
+        assert float(pm.pruner.direction(next(iter(pm.targets))).grad.abs().sum()) > 0
+        outputs[hold_norms] = out.detach()
+    torch.testing.assert_close(outputs[True], outputs[False])  # same forward value
+    assert grads[True] == 0 and grads[False] > 0
 
 
 def test_dense_forwards_and_eval_are_unchanged():

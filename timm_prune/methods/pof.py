@@ -43,6 +43,9 @@ def _unit_norm(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], -1).norm(dim=1).clamp_min(_EPS).view(_unit_shape(v))
 
 
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
 def _levels(score: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """How many of the nested candidate sets hold each entry: one at or below the i-th (ascending) threshold is
     in set i and in every larger one."""
@@ -155,9 +158,13 @@ class PofOptions:
     # into the kept set) or to the kept ones only (False: the pruned entries learn from the dense forwards alone;
     # a hyperspherical layer's still see the gradient through the norm of v).
     straight_through: bool = True
+    # Pruned forwards leave the normalisation layers' scale and shift (BatchNorm, LayerNorm, GroupNorm) alone: they
+    # get no gradient from a pruned forward, so they serve the dense model, and a pruned model's BatchNorm only needs
+    # its statistics re-estimated. False: the pruned forwards train them too.
+    hold_norms: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("hyperspherical", "straight_through"):
+        for name in ("hyperspherical", "straight_through", "hold_norms"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PruneConfig.{name} must be True or False; got {getattr(self, name)!r}")
         if not is_int(self.penalty_warmup) or self.penalty_warmup < 0:
@@ -321,16 +328,25 @@ class PofMethod(PruneMethod):
         norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         saved = [{k: b for k, b in m._buffers.items() if b is not None} for m in norms]
         parametrizations = [self.layers[name].parametrizations.weight[0] for name in self.layers]
+        held = [m for m in self.model.modules() if isinstance(m, _NORMS)] if self.config.hold_norms else []
+        held_params = [{k: p for k, p in m._parameters.items() if p is not None} for m in held]
         try:
             for module, buffers in zip(norms, saved, strict=True):
                 for key, buffer in buffers.items():
                     setattr(module, key, buffer.clone())
+            for module, params in zip(held, held_params, strict=True):
+                for key, param in params.items():
+                    # Same value, zero gradient; still in the graph, so that DDP sees every parameter used.
+                    # Through the dict: Module.__setattr__ only takes a Parameter under a parameter's name.
+                    module._parameters[key] = param.detach() + 0 * param
             for module, candidates in zip(parametrizations, self._candidates.values(), strict=True):
                 module.forward_keep = candidates < pruned_from
             yield
         finally:
             for module in parametrizations:
                 module.forward_keep = None
+            for module, params in zip(held, held_params, strict=True):
+                module._parameters.update(params)
             for module, buffers in zip(norms, saved, strict=True):
                 for key, buffer in buffers.items():
                     setattr(module, key, buffer)
