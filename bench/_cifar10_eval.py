@@ -98,6 +98,11 @@ def load_eval_tensors(data: DataSpec, model: nn.Module, split: str) -> tuple[tup
     return evaluation, bn
 
 
+def split_batches(images: torch.Tensor, batch_size: int, count: int) -> list[torch.Tensor]:
+    """The first ``count`` batches of ``batch_size`` images (BatchNorm re-estimation and calibration)."""
+    return [images[i : i + batch_size] for i in range(0, len(images), batch_size)][:count]
+
+
 @torch.no_grad()
 def top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
     model.eval()
@@ -152,8 +157,7 @@ def run_eval_job(job: EvalJob) -> list[dict[str, Any]]:
 def _evaluate_grid(job: EvalJob, state: dict, images: torch.Tensor, labels: torch.Tensor, bn_images, started):
     pm = _convert(job, job.scopes[0], job.sparsities[0], state)
     dense = top1(pm, images, labels)
-    bs = job.data.batch_size
-    bn_batches = [bn_images[i : i + bs] for i in range(0, len(bn_images), bs)][: job.bn_batches]
+    bn_batches = split_batches(bn_images, job.data.batch_size, job.bn_batches)
     rows = []
     for scope in job.scopes:
         for sparsity in job.sparsities:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cifar10_eval import DataSpec, create_model, dense_checkpoint, load_eval_tensors, top1  # noqa: E402
+from _cifar10_eval import DataSpec, create_model, dense_checkpoint, load_eval_tensors, split_batches, top1  # noqa: E402
 from _cifar10_v2_report import atomic_write_text  # noqa: E402
 from cifar10_v2 import HALF_WIDTH  # noqa: E402
 
@@ -65,7 +65,7 @@ def main() -> None:
             tensors = load_eval_tensors(data, pm, "test")
         (images, labels), (bn_images, _) = tensors
         dense = top1(pm, images, labels)
-        pm.recalibrate_batchnorm([bn_images[i : i + 128] for i in range(0, len(bn_images), 128)], args.bn_batches)
+        pm.recalibrate_batchnorm(split_batches(bn_images, data.batch_size, args.bn_batches), args.bn_batches)
         recal = top1(pm, images, labels)
         rows.append({"run": run, "dense": round(100 * dense, 2), "dense_bn_recal": round(100 * recal, 2)})
         print(json.dumps(rows[-1]), f"({time.time() - started:.0f} s)", flush=True)

@@ -73,7 +73,8 @@ def test_hold_norms_keeps_the_pruned_forwards_gradient_off_the_norm_layers():
         norms = [m for m in pm.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         # The parameters are back in place after the forward: the same Parameter objects the optimizer holds.
         assert all(isinstance(p, torch.nn.Parameter) for m in norms for p in (m.weight, m.bias))
-        assert all(p in set(pm.parameters()) for m in norms for p in (m.weight, m.bias))
+        parameters = set(pm.parameters())
+        assert all(p in parameters for m in norms for p in (m.weight, m.bias))
         out.square().mean().backward()
         # A gradient tensor either way (DDP expects every parameter to get one), zero when held.
         grads[hold_norms] = sum(float(m.weight.grad.abs().sum() + m.bias.grad.abs().sum()) for m in norms)

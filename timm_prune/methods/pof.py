@@ -325,10 +325,11 @@ class PofMethod(PruneMethod):
         # Running statistics describe the dense model (the pruned one gets its own by re-estimation): the pruned
         # forward updates copies, and the originals are put back afterwards. Swapped, not copied back in place:
         # batch_norm's backward reads the tensors its forward was given.
-        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norm_layers = [m for m in self.model.modules() if isinstance(m, _NORMS)]  # one walk of the model per step
+        norms = [m for m in norm_layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         saved = [{k: b for k, b in m._buffers.items() if b is not None} for m in norms]
         parametrizations = [self.layers[name].parametrizations.weight[0] for name in self.layers]
-        held = [m for m in self.model.modules() if isinstance(m, _NORMS)] if self.config.hold_norms else []
+        held = norm_layers if self.config.hold_norms else []
         held_params = [{k: p for k, p in m._parameters.items() if p is not None} for m in held]
         try:
             for module, buffers in zip(norms, saved, strict=True):
