@@ -6,7 +6,9 @@ converted with the run's method, prunes at each (scope, sparsity), and measures 
 - ``zero``: the pruned weights as they are;
 - ``mean`` / ``layer_mean`` / ``renorm``: the data-free recoveries of ``PrunableModel.recover``;
 - ``bn_recal``: BatchNorm statistics re-estimated on a few un-augmented training batches (uses data);
-- ``mean+bn_recal``: mean recovery, then BatchNorm re-estimation.
+- ``mean+bn_recal``: mean recovery, then BatchNorm re-estimation;
+- ``bias``: pruned with bias correction (``prune(bias_correction_batches=...)``) on the batches BatchNorm
+  re-estimation uses: each layer with a bias gets its dense mean output back (uses data; for LayerNorm nets).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from timm_prune.data import create_transforms, load_image_splits
 
 DATA_FREE = ("mean", "layer_mean", "renorm")
 # Every variant run_eval_job can measure (a job lists the ones it wants).
-VARIANTS = ("zero",) + DATA_FREE + ("bn_recal", "mean+bn_recal")
+VARIANTS = ("zero",) + DATA_FREE + ("bn_recal", "mean+bn_recal", "bias")
 
 
 @dataclass
@@ -180,6 +182,12 @@ def _evaluate_grid(job: EvalJob, state: dict, images: torch.Tensor, labels: torc
                 pm.recover("mean")  # recalibrate_batchnorm resets the statistics before estimating them again
                 pm.recalibrate_batchnorm(bn_batches, num_batches=len(bn_batches))
                 measured["mean+bn_recal"] = top1(pm, images, labels)
+            if "bias" in job.variants:
+                pm = _convert(job, scope, sparsity, state)
+                if pm.pruner.needs_calibration:
+                    pm.calibrate(bn_batches)
+                pm.prune(bias_correction_batches=bn_batches, num_batches=len(bn_batches))
+                measured["bias"] = top1(pm, images, labels)
             for variant, value in measured.items():
                 if variant in job.variants:
                     rows.append(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 DATA_FREE = ("zero", "mean")
-WITH_DATA = ("bn_recal", "mean+bn_recal")
+WITH_DATA = ("bn_recal", "mean+bn_recal", "bias")
 ORDER = (
     "pof", "plain", "plain_layer", "gmp", "base", "base_layer", "wanda", "sparsegpt", "wanda_global",
     "sparsegpt_global", "wanda_base", "sparsegpt_base", "wanda_global_base", "sparsegpt_global_base",

@@ -61,6 +61,8 @@ ONE_SHOT = ("wanda", "sparsegpt")
 # every layer) instead of one global threshold; the fair baseline for nets whose layers' scales differ widely.
 CONTENDERS = FINETUNED + ("base", "layer_magnitude") + ONE_SHOT
 VARIANTS = ["zero", "mean", "bn_recal", "mean+bn_recal"]
+# Measured only when asked (--extra_variants): adding one to VARIANTS would make every run's rows incomplete.
+EXTRA_VARIANTS = ["bias"]
 # Calibration batches (of --batch_size un-augmented training images) per one-shot method. SparseGPT got fewer when
 # it ran one forward pass per layer (before one_pass); kept at 4 so that its measured rows stay comparable.
 ONE_SHOT_BATCHES = {"wanda": 8, "sparsegpt": 4}
@@ -109,6 +111,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra POF contenders, e.g. pof_pf='{\"pruned_forward\": 0.5}' (options over the pof contender's), "
         "trained whether or not pof is among --contenders",
     )
+    p.add_argument(
+        "--extra_variants",
+        nargs="*",
+        choices=EXTRA_VARIANTS,
+        default=[],
+        help="also measure these (bias: prune with bias correction on the BatchNorm batches); runs without their "
+        "rows are evaluated again (and trained again when their folders are gone)",
+    )
     p.add_argument("--bn_batches", type=int, default=10)
     p.add_argument("--val_samples", type=int, default=2000, help="held-out images used for choices")
     p.add_argument("--validation_fraction", type=float, default=0.1, help="held-out part of train")
@@ -155,6 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not isinstance(args.model_kwargs, dict):
         p.error(f"--model_kwargs must be a JSON object, e.g. '{{\"channels\": [32, 64]}}'; got {args.model_kwargs!r}")
     args.gmp_sparsities = args.gmp_sparsities or args.sparsities
+    args.variants = VARIANTS + [v for v in args.extra_variants if v not in VARIANTS]
     return args
 
 
@@ -306,7 +317,7 @@ def _row_keys(args: argparse.Namespace, name: str, spec: dict[str, Any]) -> set[
     if spec["contender"] == "gmp":
         cells = [(spec["sparsity"], v) for v in ("zero", "bn_recal")]
     else:
-        cells = [(s, v) for s in args.sparsities for v in VARIANTS] + [(0.0, "dense")]
+        cells = [(s, v) for s in args.sparsities for v in args.variants] + [(0.0, "dense")]
     runs = [name]
     if spec["contender"] == "plain":  # the one-shot methods run on the plain fine-tuned models
         runs += [f"{m}{suffix}-s{spec['seed']}" for m in ONE_SHOT if m in args.contenders for suffix in ("", "_global")]
@@ -375,10 +386,10 @@ def eval_jobs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> lis
         base_dir = os.path.join(args.workdir, "base")
         if "base" in args.contenders and _finished(base_dir):
             labels = {"contender": "base", "seed": None}
-            out.append((labels, job("base", base_dir, "magnitude", {}, args.sparsities, VARIANTS)))
+            out.append((labels, job("base", base_dir, "magnitude", {}, args.sparsities, args.variants)))
         if "layer_magnitude" in args.contenders and _finished(base_dir):
             labels = {"contender": "base_layer", "seed": None}
-            layer_job = job("base_layer", base_dir, "magnitude", {"scope": "layer"}, args.sparsities, VARIANTS)
+            layer_job = job("base_layer", base_dir, "magnitude", {"scope": "layer"}, args.sparsities, args.variants)
             out.append((labels, layer_job))
         for name, spec in specs.items():
             run_dir = os.path.join(args.workdir, name)
@@ -389,13 +400,13 @@ def eval_jobs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> lis
             if spec["contender"] == "gmp":
                 out.append((labels, job(name, run_dir, "gmp", options, [spec["sparsity"]], ["zero", "bn_recal"])))
             elif spec["method"] == "pof":
-                out.append((labels, job(name, run_dir, "pof", options, args.sparsities, VARIANTS)))
+                out.append((labels, job(name, run_dir, "pof", options, args.sparsities, args.variants)))
             else:
-                out.append((labels, job(name, run_dir, "magnitude", {}, args.sparsities, VARIANTS)))
+                out.append((labels, job(name, run_dir, "magnitude", {}, args.sparsities, args.variants)))
             if spec["contender"] == "plain" and "layer_magnitude" in args.contenders:
                 layer_labels = {"contender": "plain_layer", "seed": spec["seed"]}
                 layer_job = job(f"plain_layer-s{spec['seed']}", run_dir, "magnitude", {"scope": "layer"},
-                                args.sparsities, VARIANTS)  # fmt: skip
+                                args.sparsities, args.variants)  # fmt: skip
                 out.append((layer_labels, layer_job))
         # One-shot methods on the plain fine-tuned models (same budget) and on the base (no training at all).
         for method in ONE_SHOT:
@@ -415,7 +426,7 @@ def eval_jobs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> lis
                 for run, seed, run_dir in sources:
                     if _finished(run_dir):
                         labels = {"contender": contender if seed is not None else f"{contender}_base", "seed": seed}
-                        out.append((labels, job(run, run_dir, method, dict(options), args.sparsities, VARIANTS)))
+                        out.append((labels, job(run, run_dir, method, dict(options), args.sparsities, args.variants)))
     return out
 
 

@@ -152,3 +152,14 @@ def test_pruned_forwards_alone_skip_the_energy_pass_but_keep_the_candidates_curr
     assert int(pm.pruner.step) == 3
     moved = direction.abs() == 10
     assert moved.any() and not (pm.pruner.candidate_counts()[name][moved] > 0).any()
+
+
+def test_pruned_forwards_stop_after_pruned_forward_until_training_calls():
+    pm = _pm(pruned_forward=1.0, pruned_forward_until=3).train()  # _pm's penalty() call is the first
+    levels = []
+    for _ in range(4):
+        levels.append(pm.pruner.pruned_forward_level())
+        pm.penalty()
+    assert [level is not None for level in levels] == [True, True, False, False]
+    with pytest.raises(ValueError, match="pruned_forward_until"):
+        timm_prune.PruneConfig(method="pof", pruned_forward=0.5, pruned_forward_until=-1)

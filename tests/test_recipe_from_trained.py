@@ -115,6 +115,7 @@ def test_finetune_recipe_starts_from_the_committed_base_with_its_pof_settings(tm
     config = summary["prune_config"]
     assert config["pruned_forward"] == 0.25 and config["penalty_sparsities"] == [0.5, 0.7, 0.9, 0.95]
     assert config["penalty_weight"] == 30.0 and config["scope"] == "global"
+    assert config["straight_through"] is False
     assert abs(summary["final"]["sparsity"] - 0.9) < 1e-3
     # Two steps at lr 0.01 from random weights stay near chance (10 %); the committed base is at 82 %.
     assert summary["final"]["accuracy_dense"] > 0.6, summary["final"]

@@ -7,11 +7,13 @@ meet: methods are reached through their contract (``methods/base.py``), the Hub 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import warnings
 from collections.abc import Iterable
+from itertools import islice
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from . import hub
+from .bias_correction import correct_biases, output_means
 from .config import RECOVERIES, PruneConfig
 from .hub import FileFormatError, SavedState
 from .hub.files import PRUNING_CONFIG_NAME
@@ -123,17 +126,41 @@ class PrunableModel(nn.Module):
 
     # ------------------------------------------------------------------ prune / recover
     @torch.no_grad()
-    def prune(self) -> Report:
+    def prune(self, bias_correction_batches: Iterable[Any] | None = None, num_batches: int = 10) -> Report:
         """Zero the weights the method ranks lowest at ``config.sparsity`` / ``config.scope``; keep the masks.
         Structured methods remove channels instead and return a ``StructuredReport``.
+
+        ``bias_correction_batches`` (input tensors, ``(inputs, labels)`` pairs or dicts with ``"pixel_values"``;
+        the first ``num_batches`` are used): after pruning, every targeted layer with a bias gets back, per output
+        unit, the mean output it had before (``timm_prune.bias_correction``), measured on these batches. The
+        data-using recovery for networks without BatchNorm (ConvNeXt, ViT); it changes the biases themselves, so
+        it is saved with the weights and excludes the data-free ``recover()`` kinds, which would count the pruned
+        weights' contribution twice.
 
         Pruning again (e.g. after more training) recomputes the masks from the current weights.
         """
         if self.pruner.structured:
+            if bias_correction_batches is not None:
+                raise ValueError(
+                    f"prune(bias_correction_batches=...): method {self.config.method!r} removes channels; bias "
+                    "correction applies to unstructured pruning only"
+                )
             # Channel removal changes the architecture itself; the method owns the whole step.
             self.last_report = self.pruner.prune_structured()
             return self.last_report
+        reference, order, inputs = None, [], []
+        if bias_correction_batches is not None:
+            if num_batches < 1:
+                raise ValueError(f"prune(num_batches=...) must be >= 1; got {num_batches}")
+            device = next(self.parameters()).device
+            inputs = [split_batch(b)[0].to(device) for b in islice(bias_correction_batches, num_batches)]
+            if not inputs:
+                raise ValueError("prune(bias_correction_batches=...): the batches yielded nothing")
+        previously_corrected = self.last_report.bias_corrected if isinstance(self.last_report, PruneReport) else []
         self.recover("none")
+        if inputs:
+            with _eval_mode(self):
+                reference, order = output_means(self, self.targets, inputs)
         keep_masks = self.pruner.keep_masks()
         report = PruneReport(self.config.method, self.config.scope, self.config.sparsity)
         energy_removed, energy_total = 0.0, 0.0
@@ -162,6 +189,12 @@ class PrunableModel(nn.Module):
                     weight_transformed=weight_transformed_in_forward(module),
                 )
             )
+        corrected = []
+        if reference is not None:
+            with _eval_mode(self):
+                corrected = correct_biases(self, self.targets, inputs, reference, order)
+        # A bias corrected once stays shifted (the correction is in the weights), whatever the new masks are.
+        report.bias_corrected = sorted(set(previously_corrected) | set(corrected))
         self.last_report = report
         self._warn_unpolarised(energy_removed / energy_total if energy_total > 0 else 0.0)
         return report
@@ -202,6 +235,12 @@ class PrunableModel(nn.Module):
             raise ValueError(f"recover(kind=...) must be one of {list(RECOVERIES)}; got {kind!r}")
         if kind != "none" and not self.is_pruned:
             raise RuntimeError("recover() needs a pruned model: call prune() first")
+        if kind != "none" and self.last_report.bias_corrected:
+            raise ValueError(
+                f"recover(kind={kind!r}): this model was pruned with bias correction, whose biases already stand in "
+                "for the pruned weights; a data-free recovery on top would count them twice. Prune without "
+                "bias_correction_batches to compare the two."
+            )
         for name, module in self.targets.items():
             mask = masked_weight(module)
             if mask is None:
@@ -318,6 +357,17 @@ class PrunableModel(nn.Module):
         if not hub.push.is_main_process():
             return None  # before saved_state(): other ranks do not even merge
         return hub.push_to_hub(self.saved_state(), repo_id, **kwargs)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Evaluation mode (no dropout, BatchNorm running statistics) for the duration, then the mode it had."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def convert(model: nn.Module, config: PruneConfig | None = None, **config_kwargs: Any) -> PrunableModel:

@@ -28,6 +28,8 @@ class PruneReport:
     scope: str
     target_sparsity: float
     layers: list[LayerReport] = field(default_factory=list)
+    # Layers whose bias prune(bias_correction_batches=...) corrected.
+    bias_corrected: list[str] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
@@ -49,13 +51,14 @@ class PruneReport:
             "sparsity": self.sparsity,
             "numel": self.numel,
             "layers": [asdict(layer) for layer in self.layers],
+            "bias_corrected": list(self.bias_corrected),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruneReport:
-        return cls(
-            data["method"], data["scope"], data["target_sparsity"], [LayerReport(**row) for row in data["layers"]]
-        )
+        layers = [LayerReport(**row) for row in data["layers"]]
+        # Files written before bias correction existed have no such key.
+        return cls(data["method"], data["scope"], data["target_sparsity"], layers, list(data.get("bias_corrected", [])))
 
     def __str__(self) -> str:
         width = max([len(layer.name) for layer in self.layers] + [5])
@@ -67,6 +70,8 @@ class PruneReport:
             f"{self.method} ({self.scope}): {self.sparsity:.2%} of {self.numel:,} targeted weights pruned "
             f"(target {self.target_sparsity:.2%})"
         )
+        if self.bias_corrected:
+            lines.append(f"bias corrected in {len(self.bias_corrected)} of {len(self.layers)} layers")
         return "\n".join(lines)
 
 

@@ -179,5 +179,7 @@ def default_recovery(pruning: dict[str, Any]) -> str:
     """What ``from_pretrained(recover=True)`` applies: the recovery active at save time, else the config's."""
     if not pruning.get("report") or pruning.get("structure") is not None:
         return "none"  # never pruned, or channels removed (nothing to recover)
+    if pruning["report"].get("bias_corrected"):
+        return "none"  # the corrected biases already stand in for the pruned weights
     saved = pruning.get("recovery", "none")
     return saved if saved != "none" else pruning["config"].get("recovery", "none")

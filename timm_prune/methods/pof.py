@@ -146,6 +146,10 @@ class PofOptions:
     # learns to be accurate once pruned (after CrAM, Peste et al., ICLR 2023, without its sharpness step, so a
     # step costs what a dense one does). 0: every forward is dense.
     pruned_forward: float = 0.0
+    # Training calls after which every forward is dense again: the end of training (at a small learning rate under a
+    # decaying schedule) refits the dense model that the pruned forwards pulled towards its pruned versions.
+    # 0: pruned forwards until the end.
+    pruned_forward_until: int = 0
     # Training calls over which every candidate set grows from empty to its sparsity along Zhu & Gupta's cubic
     # schedule (as GMP's masks do), so that a trained model is polarised a little at a time rather than losing its
     # 98 % candidates' energy in the first epoch. 0: full sets from the first call.
@@ -177,6 +181,11 @@ class PofOptions:
             raise ValueError(f"PruneConfig.threshold_sample must be an integer >= 0; got {self.threshold_sample!r}")
         if not is_int(self.sparsity_ramp) or self.sparsity_ramp < 0:
             raise ValueError(f"PruneConfig.sparsity_ramp must be an integer >= 0; got {self.sparsity_ramp!r}")
+        if not is_int(self.pruned_forward_until) or self.pruned_forward_until < 0:
+            raise ValueError(
+                f"PruneConfig.pruned_forward_until must be an integer >= 0 (training calls); got "
+                f"{self.pruned_forward_until!r}"
+            )
         if not is_number(self.pruned_forward) or not 0.0 <= self.pruned_forward <= 1.0:
             raise ValueError(f"PruneConfig.pruned_forward must be a number in [0, 1]; got {self.pruned_forward!r}")
         levels = self.penalty_sparsities
@@ -308,6 +317,8 @@ class PofMethod(PruneMethod):
 
         Drawn from a generator seeded by the step counter: every DDP rank and a resumed run draw alike."""
         if self.config.pruned_forward <= 0 or not bool(self.candidates_selected):
+            return None
+        if 0 < self.config.pruned_forward_until <= int(self.step):
             return None
         generator = torch.Generator().manual_seed(int(self.step) * 1_000_003 + 17)
         if float(torch.rand((), generator=generator)) >= self.config.pruned_forward:
