@@ -96,6 +96,8 @@ def test_data_free_recovery_on_top_is_refused_and_the_record_survives_saving(tmp
     pm.save_pretrained(tmp_path / "corrected", pretrained=False)
     loaded = timm_prune.from_pretrained(str(tmp_path / "corrected")).eval()
     assert loaded.last_report.bias_corrected == pm.last_report.bias_corrected
+    card = (tmp_path / "corrected" / "README.md").read_text()
+    assert f"Bias-corrected after pruning in {len(pm.last_report.bias_corrected)} layers" in card
     torch.testing.assert_close(loaded(batches[0]), pm(batches[0]))
     with pytest.raises(ValueError, match="count them twice"):
         loaded.recover("mean")

@@ -162,6 +162,7 @@ def render_card(
         saved_recovery=pruning.get("recovery", "none"),
         default_recovery=default_recovery(pruning),
         recovery_kinds=pruning.get("recovery_kinds") or ["none"],
+        bias_corrected=len(report.get("bias_corrected") or []),
         accuracy_rows=accuracy_rows,
         dataset=dataset,
         other_metrics=other,
