@@ -67,6 +67,21 @@ def test_every_corrected_layer_gets_its_dense_mean_output_back():
     assert torch.equal(pm.masks[with_bias[0]], uncorrected_pm.masks[with_bias[0]])
 
 
+def test_the_correction_holds_under_autocast():
+    # Autocast caches its bf16 copy of each bias for the whole region: a correction that did not drop the cache
+    # would measure and run the old biases.
+    batches = _batches(count=2)
+    corrected, uncorrected, reference = _pm(), _pm(), _pm()
+    reference.prune(bias_correction_batches=batches)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        corrected(batches[0])  # a forward before pruning fills the cache
+        corrected.prune(bias_correction_batches=batches)
+        uncorrected.prune()
+        out, plain = corrected(batches[0]).float(), uncorrected(batches[0]).float()
+    expected = reference(batches[0])
+    assert (out - expected).abs().mean() < 0.25 * (plain - expected).abs().mean()
+
+
 def test_layers_without_a_bias_are_left_alone():
     batches = _batches()
     pm, plain = _pm("test_resnet"), _pm("test_resnet")

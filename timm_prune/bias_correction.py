@@ -99,5 +99,8 @@ def correct_biases(
             continue
         shift = reference[name] - measured[name]
         module.bias.add_(shift.to(device=module.bias.device, dtype=module.bias.dtype))
+        # Under autocast the low-precision copy of the bias made by an earlier forward is cached until the
+        # autocast region ends, and the next measurement (and the caller's forwards) would still run the old bias.
+        torch.clear_autocast_cache()
         corrected.append(name)
     return corrected
