@@ -156,6 +156,20 @@ def run_eval_job(job: EvalJob) -> list[dict[str, Any]]:
         return _evaluate_grid(job, state, images, labels, bn_images, started)
 
 
+def _pruned(
+    job: EvalJob, scope: str, sparsity: float, state: dict, bn_batches: list, bias_correction: bool = False
+) -> tuple[timm_prune.PrunableModel, Any]:
+    """The run's model pruned at (scope, sparsity), and prune()'s report."""
+    pm = _convert(job, scope, sparsity, state)
+    if pm.pruner.needs_calibration:
+        # One-shot methods (Wanda, SparseGPT) calibrate on the same un-augmented training images that BatchNorm
+        # re-estimation uses.
+        pm.calibrate(bn_batches)
+    if bias_correction:
+        return pm, pm.prune(bias_correction_batches=bn_batches, num_batches=len(bn_batches))
+    return pm, pm.prune()
+
+
 def _evaluate_grid(job: EvalJob, state: dict, images: torch.Tensor, labels: torch.Tensor, bn_images, started):
     pm = _convert(job, job.scopes[0], job.sparsities[0], state)
     dense = top1(pm, images, labels)
@@ -163,12 +177,7 @@ def _evaluate_grid(job: EvalJob, state: dict, images: torch.Tensor, labels: torc
     rows = []
     for scope in job.scopes:
         for sparsity in job.sparsities:
-            pm = _convert(job, scope, sparsity, state)
-            if pm.pruner.needs_calibration:
-                # One-shot methods (Wanda, SparseGPT) calibrate on the same un-augmented training images that
-                # BatchNorm re-estimation uses.
-                pm.calibrate(bn_batches)
-            report = pm.prune()
+            pm, report = _pruned(job, scope, sparsity, state, bn_batches)
             measured = {"zero": top1(pm, images, labels)}
             for kind in DATA_FREE:
                 if kind in job.variants:
@@ -182,11 +191,8 @@ def _evaluate_grid(job: EvalJob, state: dict, images: torch.Tensor, labels: torc
                 pm.recover("mean")  # recalibrate_batchnorm resets the statistics before estimating them again
                 pm.recalibrate_batchnorm(bn_batches, num_batches=len(bn_batches))
                 measured["mean+bn_recal"] = top1(pm, images, labels)
-            if "bias" in job.variants:
-                pm = _convert(job, scope, sparsity, state)
-                if pm.pruner.needs_calibration:
-                    pm.calibrate(bn_batches)
-                pm.prune(bias_correction_batches=bn_batches, num_batches=len(bn_batches))
+            if "bias" in job.variants:  # a fresh model: prune() has dropped the dense weights the correction needs
+                pm, _ = _pruned(job, scope, sparsity, state, bn_batches, bias_correction=True)
                 measured["bias"] = top1(pm, images, labels)
             for variant, value in measured.items():
                 if variant in job.variants:

@@ -87,12 +87,13 @@ def correct_biases(
     reference: dict[str, torch.Tensor],
     order: Sequence[str],
 ) -> list[str]:
-    """Add ``reference - measured`` mean output to the bias of each layer in ``order`` that has one (one layer at a
-    time, each measured after the earlier ones are corrected); returns the names of the corrected layers."""
+    """Add ``reference - measured`` mean output to the bias of each layer in ``order`` (``output_means``' names, all
+    in ``reference``) that has one, one layer at a time, each measured after the earlier ones are corrected;
+    returns the names of the corrected layers."""
     corrected = []
     for name in order:
         module = layers[name]
-        if getattr(module, "bias", None) is None or name not in reference:
+        if getattr(module, "bias", None) is None:
             continue
         measured, _ = output_means(forward, layers, inputs, [name])
         if name not in measured:

@@ -148,7 +148,7 @@ class PrunableModel(nn.Module):
             # Channel removal changes the architecture itself; the method owns the whole step.
             self.last_report = self.pruner.prune_structured()
             return self.last_report
-        reference, order, inputs = None, [], []
+        inputs = []
         if bias_correction_batches is not None:
             if num_batches < 1:
                 raise ValueError(f"prune(num_batches=...) must be >= 1; got {num_batches}")
@@ -158,6 +158,7 @@ class PrunableModel(nn.Module):
                 raise ValueError("prune(bias_correction_batches=...): the batches yielded nothing")
         previously_corrected = self.last_report.bias_corrected if isinstance(self.last_report, PruneReport) else []
         self.recover("none")
+        reference, order = {}, []
         if inputs:
             with _eval_mode(self):
                 reference, order = output_means(self, self.targets, inputs)
@@ -190,7 +191,7 @@ class PrunableModel(nn.Module):
                 )
             )
         corrected = []
-        if reference is not None:
+        if inputs:
             with _eval_mode(self):
                 corrected = correct_biases(self, self.targets, inputs, reference, order)
         # A bias corrected once stays shifted (the correction is in the weights), whatever the new masks are.
