@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from . import hub
-from .bias_correction import correct_biases, output_means
+from .bias_correction import correct_biases, output_means, top1_agreement, top1_predictions
 from .config import RECOVERIES, PruneConfig
 from .hub import FileFormatError, SavedState
 from .hub.files import PRUNING_CONFIG_NAME
@@ -126,7 +126,12 @@ class PrunableModel(nn.Module):
 
     # ------------------------------------------------------------------ prune / recover
     @torch.no_grad()
-    def prune(self, bias_correction_batches: Iterable[Any] | None = None, num_batches: int = 10) -> Report:
+    def prune(
+        self,
+        bias_correction_batches: Iterable[Any] | None = None,
+        num_batches: int = 10,
+        guard_bias_correction: bool = True,
+    ) -> Report:
         """Zero the weights the method ranks lowest at ``config.sparsity`` / ``config.scope``; keep the masks.
         Structured methods remove channels instead and return a ``StructuredReport``.
 
@@ -136,6 +141,13 @@ class PrunableModel(nn.Module):
         data-using recovery for networks without BatchNorm (ConvNeXt, ViT); it changes the biases themselves, so
         it is saved with the weights and excludes the data-free ``recover()`` kinds, which would count the pruned
         weights' contribution twice.
+
+        ``guard_bias_correction``: keep the correction only if the pruned model's top-1 predictions on these batches
+        agree with the dense model's at least as often as without it; otherwise the biases are put back and a
+        warning gives both agreements. Restoring the mean can swamp a layer that pruning left almost no signal
+        (a global threshold that empties a whole stage); the check needs no labels. It applies when the model
+        returns ``(batch, classes)`` tensors (not to a timm model made with ``num_classes=0``); ``False`` keeps the
+        correction whatever it does.
 
         Pruning again (e.g. after more training) recomputes the masks from the current weights.
         """
@@ -158,10 +170,13 @@ class PrunableModel(nn.Module):
                 raise ValueError("prune(bias_correction_batches=...): the batches yielded nothing")
         previously_corrected = self.last_report.bias_corrected if isinstance(self.last_report, PruneReport) else []
         self.recover("none")
-        reference, order = {}, []
+        reference, order, dense_predictions = {}, [], None
         if inputs:
             with _eval_mode(self):
                 reference, order = output_means(self, self.targets, inputs)
+                # A timm model made with num_classes=0 returns pooled features: their argmax is no prediction.
+                if guard_bias_correction and getattr(self.model, "num_classes", None) != 0:
+                    dense_predictions = top1_predictions(self, inputs)
         keep_masks = self.pruner.keep_masks()
         report = PruneReport(self.config.method, self.config.scope, self.config.sparsity)
         energy_removed, energy_total = 0.0, 0.0
@@ -193,12 +208,42 @@ class PrunableModel(nn.Module):
         corrected = []
         if inputs:
             with _eval_mode(self):
-                corrected = correct_biases(self, self.targets, inputs, reference, order)
+                corrected = self._correct_biases(inputs, reference, order, dense_predictions)
         # A bias corrected once stays shifted (the correction is in the weights), whatever the new masks are.
         report.bias_corrected = sorted(set(previously_corrected) | set(corrected))
         self.last_report = report
         self._warn_unpolarised(energy_removed / energy_total if energy_total > 0 else 0.0)
         return report
+
+    def _correct_biases(
+        self,
+        inputs: list[torch.Tensor],
+        reference: dict[str, torch.Tensor],
+        order: list[str],
+        dense_predictions: list[torch.Tensor] | None,
+    ) -> list[str]:
+        """Bias correction of the just-pruned model; with ``dense_predictions``, undone (biases put back, warning)
+        when it lowers the top-1 agreement with them on ``inputs``. Returns the names of the corrected layers."""
+        if dense_predictions is None:
+            return correct_biases(self, self.targets, inputs, reference, order)
+        biases = {name: module.bias.detach().clone() for name, module in self.targets.items() if _has_bias(module)}
+        before = top1_agreement(self, inputs, dense_predictions)
+        corrected = correct_biases(self, self.targets, inputs, reference, order)
+        after = top1_agreement(self, inputs, dense_predictions)
+        if after >= before:
+            return corrected
+        for name, bias in biases.items():
+            self.targets[name].bias.copy_(bias)
+        torch.clear_autocast_cache()  # the caller's next forward must not run a cached copy of the corrected biases
+        warnings.warn(
+            f"prune(bias_correction_batches=...): the correction lowered the pruned model's top-1 agreement with the "
+            f"dense model on the calibration batches from {100 * before:.1f}% to {100 * after:.1f}%, so the biases "
+            "were put back. It happens when pruning leaves some layers almost no signal (a global threshold that "
+            "empties a stage): try scope='layer', a lower sparsity, or guard_bias_correction=False to keep it.",
+            UserWarning,
+            stacklevel=4,  # the caller of prune() (through torch.no_grad's wrapper)
+        )
+        return []
 
     def _warn_unpolarised(self, share: float) -> None:
         # A method that trains with a penalty should have drained what it prunes; if it has not, the
@@ -358,6 +403,10 @@ class PrunableModel(nn.Module):
         if not hub.push.is_main_process():
             return None  # before saved_state(): other ranks do not even merge
         return hub.push_to_hub(self.saved_state(), repo_id, **kwargs)
+
+
+def _has_bias(module: nn.Module) -> bool:
+    return getattr(module, "bias", None) is not None
 
 
 @contextlib.contextmanager
