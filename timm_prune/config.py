@@ -17,7 +17,7 @@ from typing import Any
 
 from .registry import get_method, list_methods
 
-SCOPES = ("layer", "global")
+SCOPES = ("layer", "global", "lamp")
 # Data-free recoveries ``masking.recovery_statistics`` computes ("none" is the absence of one).
 RECOVERY_KINDS = ("mean", "layer_mean", "renorm")
 RECOVERIES = RECOVERY_KINDS + ("none",)
@@ -68,7 +68,9 @@ class PruneConfig:
         method: registered method name (``timm_prune.list_methods()``), e.g. ``"pof"``.
         sparsity: fraction of the targeted weights removed by ``prune()``, in [0, 1).
         scope: ``"layer"`` prunes every targeted layer to ``sparsity``; ``"global"`` ranks all targeted
-            weights together with one threshold, so layers end with different sparsities.
+            weights together with one threshold, so layers end with different sparsities; ``"lamp"`` is global on
+            each layer's LAMP scores (``masking.lamp_scores``: scale-free within a layer, and no layer is ever
+            emptied). Methods list the scopes they support (``PruneMethod.scopes``).
         target_modules: which modules to prune: a regex (full match on the module name) or a list of
             exact names / name suffixes, as in PEFT. ``None``: every Conv2d and Linear except the stem
             conv and the classifier (from the model's ``pretrained_cfg``).
@@ -139,6 +141,11 @@ class PruneConfig:
             raise ValueError(f"PruneConfig.sparsity must be a number in [0, 1); got {sparsity!r}")
         if scope not in SCOPES:
             raise ValueError(f"PruneConfig.scope must be one of {list(SCOPES)}; got {scope!r}")
+        if scope not in get_method(method).scopes:
+            raise ValueError(
+                f"PruneConfig.scope {scope!r} is not supported by method {method!r}: it ranks weights with its own "
+                f"scores; use one of {list(get_method(method).scopes)}"
+            )
         _check_patterns("target_modules", target_modules)
         _check_patterns("exclude_modules", exclude_modules)
         if penalty_weight is None:

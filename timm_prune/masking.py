@@ -97,6 +97,21 @@ def layer_keep_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep
 
 
+def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
+    """LAMP scores of one layer (Lee et al., "Layer-adaptive Sparsity for the Magnitude-based Pruning", ICLR 2021):
+    each entry's squared score over the sum of the squared scores that are at least as large (itself included), in
+    the shape of ``scores``. Within a layer the order is unchanged; across layers the scale is gone, and every
+    layer's largest entry scores 1, so one global threshold below 1 never empties a layer. Ties are broken by
+    storage order (sorting is stable)."""
+    squared = scores.detach().to(torch.float64).reshape(-1).square()
+    order = torch.argsort(squared, stable=True)
+    ascending = squared[order]
+    at_least = ascending.flip(0).cumsum(0).flip(0)  # sum of the entries from this one to the largest
+    lamp = torch.empty_like(squared)
+    lamp[order] = ascending / at_least.clamp_min(torch.finfo(torch.float64).tiny)
+    return lamp.to(torch.float32).reshape(scores.shape)
+
+
 def global_keep_masks(scores: Sequence[Callable[[], torch.Tensor]], sparsity: float) -> list[torch.Tensor]:
     """Keep-masks with one threshold over all layers, pruning exactly ``round(sparsity * total)`` entries.
 

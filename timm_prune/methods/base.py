@@ -21,6 +21,8 @@ call a method only through the hooks below, each of which has a default here; a 
 ``structured``         ``False``: ``prune()`` masks weights with ``keep_masks()`` (``scores()`` ranks them);
                        ``True``: ``prune_structured()`` removes channels and returns a ``report_cls``
 ``supports_recovery``  whether ``recover()`` applies after ``prune()`` (not once channels are gone)
+``scopes``             the ``PruneConfig.scope`` values it supports; ``"lamp"`` (``global_scores``) where the method
+                       ranks with the base ``keep_masks``
 ``structure()``        the record that rebuilds a narrowed model (saved), ``load_structure(record)`` on load
 =====================  ==========================================================================================
 
@@ -48,7 +50,7 @@ import torch
 import torch.nn as nn
 
 from ..config import nm_pattern
-from ..masking import global_keep_masks, layer_keep_mask
+from ..masking import global_keep_masks, lamp_scores, layer_keep_mask
 from ..oneshot.nm import nm_keep_mask
 from ..parametrizations import unmasked_weight
 from ..reports import PruneReport, StructuredReport
@@ -113,6 +115,8 @@ class PruneMethod(nn.Module):
     report_cls: ClassVar[type[PruneReport] | type[StructuredReport]] = PruneReport
     supports_recovery: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
+    # PruneConfig.scope values: "lamp" only where the masks come from keep_masks() / global_scores() below.
+    scopes: ClassVar[tuple[str, ...]] = ("layer", "global")
 
     def __init__(self, config: PruneConfig, model: nn.Module) -> None:
         super().__init__()
@@ -189,14 +193,20 @@ class PruneMethod(nn.Module):
         """Non-negative ranking scores, shaped like the weight; lowest are pruned first. Default: |w|."""
         return self.weight(name).detach().abs()
 
+    def global_scores(self, name: str) -> torch.Tensor:
+        """Layer ``name``'s scores as one threshold over all layers compares them: ``scores()``, or their LAMP
+        scores (``masking.lamp_scores``) with ``scope="lamp"``."""
+        scores = self.scores(name)
+        return lamp_scores(scores) if self.config.scope == "lamp" else scores
+
     def keep_masks(self, sparsity: float | None = None) -> dict[str, torch.Tensor]:
         """Keep-masks at ``sparsity`` (default ``config.sparsity``) and ``config.scope`` for the current weights."""
         sparsity = self.config.sparsity if sparsity is None else sparsity
         names = list(self.layers)
         if self.config.pattern is not None:
             return {n: self.pattern_keep_mask(n, self.scores(n), sparsity) for n in names}
-        if self.config.scope == "global":
-            masks = global_keep_masks([lambda n=n: self.scores(n) for n in names], sparsity)
+        if self.config.scope in ("global", "lamp"):
+            masks = global_keep_masks([lambda n=n: self.global_scores(n) for n in names], sparsity)
             return dict(zip(names, masks, strict=True))
         return {n: layer_keep_mask(self.scores(n), sparsity) for n in names}
 

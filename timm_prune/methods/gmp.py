@@ -60,6 +60,7 @@ class GmpOptions:
 class GmpMethod(PruneMethod):
     options_cls = GmpOptions
     default_penalty_weight = 0.0
+    scopes = ("layer", "global", "lamp")
 
     def attach(self, layers: dict[str, torch.nn.Module]) -> None:
         super().attach(layers)

@@ -1,7 +1,8 @@
 """Magnitude pruning: the baseline a user would otherwise reach for (``torch.nn.utils.prune``-style L1).
 
 Training is plain (no re-parametrisation, no penalty); ``prune()`` zeroes the smallest ``|w|`` per layer
-(``scope="layer"``) or under one global threshold (``scope="global"``). Mean recovery and BatchNorm
+(``scope="layer"``), under one global threshold (``scope="global"``), or under one threshold on each layer's LAMP
+scores (``scope="lamp"``, Lee et al., ICLR 2021: layer-adaptive, no layer emptied). Mean recovery and BatchNorm
 re-estimation apply as for every unstructured method, so the same trained model can be compared with POF
 variant for variant.
 """
@@ -16,3 +17,4 @@ from .base import PruneMethod
 class MagnitudeMethod(PruneMethod):
     # No penalty: the model trains exactly as it would without timm_prune.
     default_penalty_weight = 0.0
+    scopes = ("layer", "global", "lamp")

@@ -10,7 +10,8 @@ Our formulation (the paper is known to us by its abstract only; every choice is 
 - The candidates are the entries pruning would remove now: per layer the ``sparsity`` fraction with the
   smallest ``|u|`` (``criterion="direction"``) or ``|w|`` (``criterion="weight"``); with
   ``scope="global"`` one threshold on the effective weights ``|w|`` (directions of layers with different
-  fan-in are not comparable).
+  fan-in are not comparable); with ``scope="lamp"`` one threshold on each layer's LAMP scores of ``|w|``
+  (``masking.lamp_scores``: no layer emptied, whatever the layers' scales).
 - The penalty is the energy of the candidates, ``sum(u**2 over candidates)`` averaged over output units,
   averaged over layers, times ``penalty_weight``. Each unit's ``u`` has norm 1, so draining the candidates
   pushes the kept entries away from zero: the weights polarise. The candidates are re-selected every
@@ -205,6 +206,7 @@ class PofMethod(PruneMethod):
     # The penalty is a mean of per-unit energy fractions, small next to a task loss; 300 polarised the default
     # recipe's ResNet-10t (70 %: pruned 98.3 % vs 50.8 % at weight 20, same dense accuracy). Issue 5 re-tunes it.
     default_penalty_weight = 300.0
+    scopes = ("layer", "global", "lamp")
 
     def __init__(self, config: Any, model: nn.Module) -> None:
         super().__init__(config, model)
@@ -268,7 +270,7 @@ class PofMethod(PruneMethod):
                 candidates.zero_()
             return
         sparsities = [scale * s for s in self.penalty_sparsities]
-        exact_global = self.config.scope == "global" and self.config.threshold_sample == 0
+        exact_global = self.config.scope in ("global", "lamp") and self.config.threshold_sample == 0
         if self.config.pattern is not None or exact_global:  # N:M sets or exact thresholds: keep_masks per level
             for candidates in self._candidates.values():
                 candidates.zero_()
@@ -282,10 +284,10 @@ class PofMethod(PruneMethod):
                 candidates.copy_(_levels(score, thresholds))
         else:  # every level's global threshold from one sample over all layers, then one pass per layer
             names = list(self._candidates)
-            scores = [lambda n=n: self.scores(n).reshape(-1) for n in names]
+            scores = [lambda n=n: self.global_scores(n).reshape(-1) for n in names]
             thresholds = self._thresholds(scores, [self._candidates[n].numel() for n in names], sparsities)
             for name, candidates in self._candidates.items():
-                candidates.copy_(_levels(self.scores(name), thresholds))
+                candidates.copy_(_levels(self.global_scores(name), thresholds))
 
     def _thresholds(
         self, scores: list[Callable[[], torch.Tensor]], sizes: list[int], sparsities: list[float]
