@@ -13,8 +13,8 @@ from typing import Any
 DATA_FREE = ("zero", "mean")
 WITH_DATA = ("bn_recal", "mean+bn_recal", "bias")
 ORDER = (
-    "pof", "plain", "plain_layer", "gmp", "base", "base_layer", "wanda", "sparsegpt", "wanda_global",
-    "sparsegpt_global", "wanda_base", "sparsegpt_base", "wanda_global_base", "sparsegpt_global_base",
+    "pof", "plain", "plain_layer", "plain_lamp", "gmp", "base", "base_layer", "base_lamp", "wanda", "sparsegpt",
+    "wanda_global", "sparsegpt_global", "wanda_base", "sparsegpt_base", "wanda_global_base", "sparsegpt_global_base",
 )  # fmt: skip
 LABELS = {
     "plain": "plain FT + global magnitude",
@@ -23,6 +23,8 @@ LABELS = {
     "base": "base, no FT, global magnitude",
     "plain_layer": "plain FT + magnitude per layer",
     "base_layer": "base, no FT, magnitude per layer",
+    "plain_lamp": "plain FT + magnitude on LAMP scores",
+    "base_lamp": "base, no FT, magnitude on LAMP scores",
     "wanda": "plain FT + Wanda (one-shot, per layer)",
     "sparsegpt": "plain FT + SparseGPT (one-shot, per layer)",
     "wanda_base": "base, no FT, Wanda (per layer)",
@@ -190,7 +192,9 @@ def cost_lines(results: dict[str, Any]) -> list[str]:
 
 
 # The references every plot shows; the per-layer one-shot rows collapse from 70 % on and stay in the tables only.
-PLOTTED_REFERENCES = ("plain", "plain_layer", "gmp", "base", "base_layer", "wanda_global", "sparsegpt_global")
+PLOTTED_REFERENCES = (
+    "plain", "plain_layer", "plain_lamp", "gmp", "base", "base_layer", "wanda_global", "sparsegpt_global",
+)  # fmt: skip
 
 
 def _plotted(contender: str, points: list[tuple[float, dict[str, float]]]) -> bool:

@@ -59,7 +59,10 @@ FINETUNED = ("plain", "pof", "gmp")
 ONE_SHOT = ("wanda", "sparsegpt")
 # "layer_magnitude": the plain fine-tuned models and the base pruned by magnitude per layer (the same sparsity in
 # every layer) instead of one global threshold; the fair baseline for nets whose layers' scales differ widely.
-CONTENDERS = FINETUNED + ("base", "layer_magnitude") + ONE_SHOT
+# "lamp_magnitude": the same with one threshold on each layer's LAMP scores (scope "lamp", Lee et al., ICLR 2021).
+# Contender -> the magnitude scope its rows use; rows are labelled plain_<scope> and base_<scope>.
+SCOPED_MAGNITUDE = {"layer_magnitude": "layer", "lamp_magnitude": "lamp"}
+CONTENDERS = FINETUNED + ("base", *SCOPED_MAGNITUDE) + ONE_SHOT
 VARIANTS = ["zero", "mean", "bn_recal", "mean+bn_recal"]
 # Measured only when asked (--extra_variants): adding one to VARIANTS would make every run's rows incomplete.
 EXTRA_VARIANTS = ["bias"]
@@ -321,7 +324,7 @@ def _row_keys(args: argparse.Namespace, name: str, spec: dict[str, Any]) -> set[
     runs = [name]
     if spec["contender"] == "plain":  # the one-shot methods run on the plain fine-tuned models
         runs += [f"{m}{suffix}-s{spec['seed']}" for m in ONE_SHOT if m in args.contenders for suffix in ("", "_global")]
-        runs += [f"plain_layer-s{spec['seed']}"] if "layer_magnitude" in args.contenders else []
+        runs += [f"plain_{scope}-s{spec['seed']}" for c, scope in SCOPED_MAGNITUDE.items() if c in args.contenders]
     return {(run, split, s, v) for run in runs for split in ("test", "val") for s, v in cells}
 
 
@@ -387,10 +390,11 @@ def eval_jobs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> lis
         if "base" in args.contenders and _finished(base_dir):
             labels = {"contender": "base", "seed": None}
             out.append((labels, job("base", base_dir, "magnitude", {}, args.sparsities, args.variants)))
-        if "layer_magnitude" in args.contenders and _finished(base_dir):
-            labels = {"contender": "base_layer", "seed": None}
-            layer_job = job("base_layer", base_dir, "magnitude", {"scope": "layer"}, args.sparsities, args.variants)
-            out.append((labels, layer_job))
+        scoped = [scope for contender, scope in SCOPED_MAGNITUDE.items() if contender in args.contenders]
+        for scope in scoped if _finished(base_dir) else []:
+            labels = {"contender": f"base_{scope}", "seed": None}
+            out.append((labels, job(f"base_{scope}", base_dir, "magnitude", {"scope": scope}, args.sparsities,
+                                    args.variants)))  # fmt: skip
         for name, spec in specs.items():
             run_dir = os.path.join(args.workdir, name)
             if not _finished(run_dir):
@@ -403,11 +407,11 @@ def eval_jobs(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) -> lis
                 out.append((labels, job(name, run_dir, "pof", options, args.sparsities, args.variants)))
             else:
                 out.append((labels, job(name, run_dir, "magnitude", {}, args.sparsities, args.variants)))
-            if spec["contender"] == "plain" and "layer_magnitude" in args.contenders:
-                layer_labels = {"contender": "plain_layer", "seed": spec["seed"]}
-                layer_job = job(f"plain_layer-s{spec['seed']}", run_dir, "magnitude", {"scope": "layer"},
-                                args.sparsities, args.variants)  # fmt: skip
-                out.append((layer_labels, layer_job))
+            for scope in scoped if spec["contender"] == "plain" else []:
+                scoped_labels = {"contender": f"plain_{scope}", "seed": spec["seed"]}
+                scoped_job = job(f"plain_{scope}-s{spec['seed']}", run_dir, "magnitude", {"scope": scope},
+                                 args.sparsities, args.variants)  # fmt: skip
+                out.append((scoped_labels, scoped_job))
         # One-shot methods on the plain fine-tuned models (same budget) and on the base (no training at all).
         for method in ONE_SHOT:
             if method not in args.contenders:
