@@ -29,11 +29,14 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from ..masking import sorted_lamp_scores
 from ..registry import register_method
 from .base import PruneMethod, is_int, is_number
 from .schedules import cubic_sparsity
 
 _EPS = 1e-12
+# scope "lamp": (LAMP score, |w|) pairs kept per layer to turn the candidate thresholds into cutoffs on |w|.
+LAMP_TABLE_POINTS = 4096
 
 
 def _unit_shape(v: torch.Tensor) -> tuple[int, ...]:
@@ -277,6 +280,8 @@ class PofMethod(PruneMethod):
             for sparsity in sparsities:
                 for name, keep in self.keep_masks(sparsity).items():
                     self._candidates[name].add_(~keep)
+        elif self.config.scope == "lamp":
+            self._select_on_lamp_scores(sparsities)
         elif self.config.scope == "layer":
             for name, candidates in self._candidates.items():
                 score = self.scores(name)
@@ -288,6 +293,29 @@ class PofMethod(PruneMethod):
             thresholds = self._thresholds(scores, [self._candidates[n].numel() for n in names], sparsities)
             for name, candidates in self._candidates.items():
                 candidates.copy_(_levels(self.global_scores(name), thresholds))
+
+    def _select_on_lamp_scores(self, sparsities: list[float]) -> None:
+        """Candidates under global thresholds on LAMP scores with one sort per layer: the sample for the thresholds
+        is drawn from each layer's sorted LAMP scores (a uniform draw either way), and each threshold becomes a
+        cutoff on the layer's ``|w|`` through a table of ``LAMP_TABLE_POINTS`` (LAMP score, ``|w|``) pairs kept
+        from that sort (cutoffs at most ``1 / LAMP_TABLE_POINTS`` of the layer off the exact one)."""
+        names = list(self._candidates)
+        tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def sorted_lamp(name: str) -> torch.Tensor:
+            magnitude, lamp = sorted_lamp_scores(self.scores(name))
+            rows = torch.linspace(0, lamp.numel() - 1, min(lamp.numel(), LAMP_TABLE_POINTS), device=lamp.device)
+            tables[name] = (lamp[rows.long()], magnitude[rows.long()])
+            return lamp
+
+        scores = [lambda n=n: sorted_lamp(n) for n in names]
+        thresholds = self._thresholds(scores, [self._candidates[n].numel() for n in names], sparsities)
+        for name, candidates in self._candidates.items():
+            lamp, magnitude = tables[name]
+            # The table rows at or below each threshold; the cutoff is the |w| of the last one (-1: none).
+            below = torch.searchsorted(lamp, thresholds.to(lamp.dtype), right=True)
+            padded = torch.cat([magnitude.new_full((1,), -1.0), magnitude])
+            candidates.copy_(_levels(self.scores(name), padded[below]))
 
     def _thresholds(
         self, scores: list[Callable[[], torch.Tensor]], sizes: list[int], sparsities: list[float]
