@@ -110,7 +110,7 @@ FINETUNE_RECIPES = {
         {"scope": "global", "straight_through": False, "recovery": "mean", "pruned_forward": 0.25}, 0.6
     ),
     "cifar10_finetune_pof_convnext.yaml": (
-        {"scope": "layer", "straight_through": True, "recovery": "none", "pruned_forward": 0.25}, 0.5
+        {"scope": "lamp", "straight_through": True, "recovery": "mean", "pruned_forward": 0.25}, 0.5
     ),
 }
 
