@@ -59,6 +59,7 @@ def test_prune_a_pruned_save_again_in_a_pattern(plain_dir, tmp_path):
         (["--method", "autobot", "--dataset", "digits"], "removes channels"),
         (["--method", "wanda", "--dataset", "digits", "--option", "bogus=1"], "bogus"),
         (["--method", "magnitude", "--pattern", "2/4"], "PruneConfig.pattern"),
+        (["--method", "wanda", "--scope", "lamp", "--dataset", "digits"], "scope 'lamp' is not supported"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(plain_dir, tmp_path, capsys, extra, message):
