@@ -304,8 +304,9 @@ class PofMethod(PruneMethod):
 
         def sorted_lamp(name: str) -> torch.Tensor:
             magnitude, lamp = sorted_lamp_scores(self.scores(name))
-            rows = torch.linspace(0, lamp.numel() - 1, min(lamp.numel(), LAMP_TABLE_POINTS), device=lamp.device)
-            tables[name] = (lamp[rows.long()], magnitude[rows.long()])
+            points = min(lamp.numel(), LAMP_TABLE_POINTS)
+            rows = torch.linspace(0, lamp.numel() - 1, points, device=lamp.device).long()
+            tables[name] = (lamp[rows], magnitude[rows])
             return lamp
 
         scores = [lambda n=n: sorted_lamp(n) for n in names]
