@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--sparsity", type=float, default=None, help="fraction of targeted weights removed, in [0, 1) (default 0.7)"
     )
-    g.add_argument("--scope", type=str, default="layer", help=f"one of {list(SCOPES)}")
+    g.add_argument(
+        "--scope", type=str, default=None, help=f"one of {list(SCOPES)} (default: the method's; pof, magnitude: lamp)"
+    )
     g.add_argument("--target_modules", type=str, nargs="+", default=None, help="one regex, or names/suffixes")
     g.add_argument("--exclude_modules", type=str, nargs="+", default=None, help="one regex, or names/suffixes")
     g.add_argument("--penalty_weight", type=float, default=None, help="default: the method's (pof 300, slr 1)")
@@ -246,6 +248,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         for key, value in preset.items():
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
+    if args.scope is None and args.method in timm_prune.list_methods():
+        # Written out (saved with the run's arguments): an N:M pattern is per layer, else the method's default scope.
+        args.scope = "layer" if args.pattern else get_method(args.method).default_scope
     if args.output_dir is None:
         args.output_dir = default_output_dir(args)
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:

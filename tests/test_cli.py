@@ -90,7 +90,7 @@ def test_cli_eval_digits(tmp_path, capsys):
         centroids = torch.stack([feats[y_train == c].mean(0) for c in range(10)])
         model.fc.weight.copy_(centroids)
         model.fc.bias.copy_(-0.5 * centroids.square().sum(1))
-    pm = timm_prune.convert(model, sparsity=0.1)
+    pm = timm_prune.convert(model, sparsity=0.1, scope="layer")
     pm.prune()
     pm.recover("mean")
     path = str(tmp_path / "digits")

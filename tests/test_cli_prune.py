@@ -31,7 +31,7 @@ def test_prune_a_saved_timm_model_with_sparsegpt(plain_dir, tmp_path, capsys):
     )
     assert "pruned " in capsys.readouterr().out
     pm = timm_prune.from_pretrained(out)
-    assert pm.config.method == "sparsegpt" and pm.config.calibration_batches == 2
+    assert pm.config.method == "sparsegpt" and pm.config.calibration_batches == 2 and pm.config.scope == "layer"
     assert pm.last_report.sparsity == pytest.approx(0.5, abs=0.02)
     assert pm.base_model == plain_dir and pm.metrics["calibration_images"] == 16
     # Stock timm reads the result, with the zeros in place.
@@ -43,6 +43,7 @@ def test_prune_a_saved_timm_model_with_sparsegpt(plain_dir, tmp_path, capsys):
 def test_prune_a_pruned_save_again_in_a_pattern(plain_dir, tmp_path):
     first = str(tmp_path / "first")
     assert cli_main(["prune", plain_dir, "--method", "magnitude", "--sparsity", "0.3", "--output", first]) == 0
+    assert timm_prune.from_pretrained(first).config.scope == "lamp"  # no --scope: the method's default
     second = str(tmp_path / "second")
     args = ["prune", first, "--method", "wanda", "--pattern", "2:4", "--dataset", "digits", "--image-size", "16"]
     assert cli_main([*args, "--calibration-batches", "1", "--output", second]) == 0

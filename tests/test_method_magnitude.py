@@ -13,7 +13,7 @@ def test_magnitude_method_trains_plainly_and_prunes_the_smallest_weights():
     model = timm.create_model("test_resnet", num_classes=4)
     x = torch.randn(2, 3, 32, 32)
     expected = model(x)
-    pm = timm_prune.convert(model, timm_prune.PruneConfig(method="magnitude", sparsity=0.6))
+    pm = timm_prune.convert(model, timm_prune.PruneConfig(method="magnitude", sparsity=0.6, scope="layer"))
     assert not any(parametrize.is_parametrized(m) for m in pm.targets.values())
     assert pm.config.penalty_weight == 0.0 and pm.penalty().item() == 0.0
     torch.testing.assert_close(pm(x), expected)

@@ -30,7 +30,9 @@ def _directions(pm) -> dict[str, torch.Tensor]:
 def test_penalty_equals_candidate_energy_by_hand():
     model = _mlp()
     weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    pm = timm_prune.convert(model, timm_prune.PruneConfig(sparsity=0.5, penalty_weight=3.0, target_modules=["0", "2"]))
+    pm = timm_prune.convert(
+        model, timm_prune.PruneConfig(sparsity=0.5, scope="layer", penalty_weight=3.0, target_modules=["0", "2"])
+    )
     energies = []
     for name in ["0", "2"]:
         w = weights[name]
@@ -187,7 +189,7 @@ def test_recovery_is_the_dense_layer_with_filled_entries(conv, kind):
     model = nn.Sequential(layer)
     original = layer.weight.detach().clone()
     x = torch.randn(2, 4, 9, 11)
-    pm = timm_prune.convert(model, timm_prune.PruneConfig(sparsity=0.6, target_modules=["0"]))
+    pm = timm_prune.convert(model, timm_prune.PruneConfig(sparsity=0.6, scope="layer", target_modules=["0"]))
     pm.prune()
     zeros = int((layer.weight == 0).sum())
     pm.recover(kind)

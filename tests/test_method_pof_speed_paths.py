@@ -68,7 +68,9 @@ def test_candidate_energy_gradient_matches_autograd_of_the_definition():
 def test_nested_candidate_sets_count_membership_and_average_the_energies():
     model = _conv_model()
     sparsities = [0.3, 0.6, 0.9]
-    config = timm_prune.PruneConfig(sparsity=0.6, penalty_sparsities=sparsities, threshold_sample=0, penalty_weight=2.0)
+    config = timm_prune.PruneConfig(
+        sparsity=0.6, scope="layer", penalty_sparsities=sparsities, threshold_sample=0, penalty_weight=2.0
+    )
     pm = timm_prune.convert(model, config)
     value = pm.penalty()
     energies = []

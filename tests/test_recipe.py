@@ -92,11 +92,15 @@ def test_single_process_run_trains_prunes_saves_and_prints_table(tmp_path: Path)
     logged = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert sum("val_accuracy" in r for r in logged) == 2
 
-    # The saved weights are pruned: the targeted convs hold 70% exact zeros, the stem conv none.
+    # The saved weights are pruned: the targeted convs hold 70% exact zeros together (POF's default scope, LAMP:
+    # one threshold, so the layers differ, none emptied), the stem conv none.
+    assert metrics["prune_config"]["scope"] == "lamp"
     weights = load_file(out / "model.safetensors")
-    zero_fractions = {k: float((v == 0).float().mean()) for k, v in weights.items() if v.dim() == 4}
-    assert zero_fractions.pop("conv1.0.weight") < 0.05  # the stem (pretrained_cfg first_conv)
-    assert zero_fractions and all(abs(f - 0.7) < 0.01 for f in zero_fractions.values()), zero_fractions
+    convs = {k: v for k, v in weights.items() if v.dim() == 4}
+    assert float((convs.pop("conv1.0.weight") == 0).float().mean()) < 0.05  # the stem (pretrained_cfg first_conv)
+    zeros = sum(int((v == 0).sum()) for v in convs.values())
+    assert convs and abs(zeros / sum(v.numel() for v in convs.values()) - 0.7) < 0.01
+    assert all(float((v == 0).float().mean()) < 1.0 for v in convs.values())
 
     table = result.stdout
     assert "| model" in table and "| accuracy |" in table
@@ -220,6 +224,22 @@ def test_default_yaml_is_the_no_argument_run() -> None:
     written = vars(recipe_args.parse_args(["--config", str(RECIPES / "configs" / "default.yaml")]))
     bare.pop("config"), written.pop("config")
     assert bare == written
+
+
+@pytest.mark.parametrize(
+    ("argv", "scope"),
+    [
+        ([], "lamp"),
+        (["--method", "magnitude"], "lamp"),
+        (["--method", "wanda"], "layer"),
+        (["--pattern", "2:4"], "layer"),
+        (["--scope", "global"], "global"),
+    ],
+)
+def test_scope_left_unset_is_the_methods_default_written_out(argv: list[str], scope: str) -> None:
+    args = recipe_args.parse_args(argv)
+    assert args.scope == scope  # saved with the run's arguments as the value used, never None
+    assert recipe_args.prune_config_from_args(args).scope == scope
 
 
 def test_method_fields_are_flags_for_every_registered_method() -> None:

@@ -105,3 +105,62 @@ def test_gmp_reaches_its_sparsity_on_lamp_scores():
     report = pm.prune()
     assert abs(report.sparsity - 0.8) < 1e-3
     assert {layer.name: layer.sparsity for layer in report.layers}[small] < 1.0
+
+
+def test_pof_estimates_large_layers_lamp_scores_from_a_sample():
+    # lamp_sample=512: every layer of test_resnet but one is larger, so nearly every score is an estimate.
+    pm = _pm("lamp", method="pof", penalty_sparsities=[0.5, 0.9], penalty_weight=1.0, lamp_sample=512)
+    assert sum(layer.weight.numel() > 512 for layer in pm.targets.values()) >= 10
+    _shrink(pm, 1e-3)
+    pm.train()
+    pm.penalty()
+    counts = {name: c.clone() for name, c in pm.pruner.candidate_counts().items()}
+    total = sum(c.numel() for c in counts.values())
+    for level, sparsity in ((1, 0.9), (2, 0.5)):
+        exact = pm.pruner.keep_masks(sparsity)
+        assert abs(sum(int((c >= level).sum()) for c in counts.values()) / total - sparsity) < 0.03
+        agree = sum(int(((counts[n] >= level) == ~exact[n]).sum()) for n in counts) / total
+        assert agree > 0.97, (sparsity, agree)
+    # Seeded by the step: a second selection at the same step (another DDP rank, a resumed run) draws alike.
+    pm.pruner.step.sub_(1)  # the training call selected at step 0, then counted itself
+    pm.pruner.select_candidates()
+    assert all(torch.equal(counts[n], c) for n, c in pm.pruner.candidate_counts().items())
+
+
+def test_pof_lamp_sample_zero_is_exact_per_layer():
+    exact = _pm("lamp", method="pof", penalty_sparsities=[0.9], lamp_sample=0, threshold_sample=4096)
+    sampled = _pm("lamp", method="pof", penalty_sparsities=[0.9], lamp_sample=64, threshold_sample=4096)
+    exact.pruner.select_candidates()
+    sampled.pruner.select_candidates()
+    # Same global draw (same step), so the sets differ only through the per-layer estimates.
+    differ = sum(
+        int((exact.pruner.candidate_counts()[n] != c).sum()) for n, c in sampled.pruner.candidate_counts().items()
+    )
+    assert differ > 0
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "4096", True])
+def test_pof_lamp_sample_must_be_a_count(value):
+    with pytest.raises(ValueError, match="PruneConfig.lamp_sample must be an integer >= 0"):
+        timm_prune.PruneConfig(method="pof", lamp_sample=value)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "scope"),
+    [
+        ("pof", {}, "lamp"),
+        ("magnitude", {}, "lamp"),
+        ("gmp", {}, "layer"),
+        ("wanda", {}, "layer"),
+        ("sparsegpt", {}, "layer"),
+        ("pof", {"pattern": "2:4"}, "layer"),
+        ("pof", {"scope": "global"}, "global"),
+        ("magnitude", {"scope": "layer"}, "layer"),
+    ],
+)
+def test_default_scope_is_the_methods(method, options, scope):
+    config = timm_prune.PruneConfig(method=method, **options)
+    assert config.scope == scope
+    # Saved explicitly: a config read back prunes as it did, whatever later defaults become.
+    assert timm_prune.PruneConfig.from_dict(config.to_dict()).scope == scope
+    assert config.to_dict()["scope"] == scope

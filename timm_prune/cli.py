@@ -77,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--method", required=True, help="an unstructured method, e.g. sparsegpt, wanda, magnitude")
     pr.add_argument("--sparsity", type=float, default=None, help="fraction of targeted weights removed (default 0.5)")
     pr.add_argument("--pattern", default=None, help="N:M semi-structured sparsity, e.g. 2:4")
-    pr.add_argument("--scope", default="layer", help="'layer', 'global' or 'lamp' (global on LAMP scores)")
+    pr.add_argument(
+        "--scope", default=None, help="'layer', 'global' or 'lamp' (default: the method's; lamp for magnitude)"
+    )
     pr.add_argument("--recovery", default="mean", help="data-free recovery saved as the model's default")
     pr.add_argument(
         "--dataset", default=None, help="calibration images: 'digits', a local parquet/image folder, a Hub id"

@@ -70,7 +70,9 @@ class PruneConfig:
         scope: ``"layer"`` prunes every targeted layer to ``sparsity``; ``"global"`` ranks all targeted
             weights together with one threshold, so layers end with different sparsities; ``"lamp"`` is global on
             each layer's LAMP scores (``masking.lamp_scores``: scale-free within a layer, and no layer is ever
-            emptied). Methods list the scopes they support (``PruneMethod.scopes``).
+            emptied). Methods list the scopes they support (``PruneMethod.scopes``). ``None``: the method's own
+            default (``PruneMethod.default_scope``: ``"lamp"`` for POF and magnitude, ``"layer"`` for the others;
+            ``"layer"`` with a ``pattern``).
         target_modules: which modules to prune: a regex (full match on the module name) or a list of
             exact names / name suffixes, as in PEFT. ``None``: every Conv2d and Linear except the stem
             conv and the classifier (from the model's ``pretrained_cfg``).
@@ -95,7 +97,7 @@ class PruneConfig:
 
     method: str = "pof"
     sparsity: float | None = 0.5
-    scope: str | None = "layer"
+    scope: str | None = None
     target_modules: str | list[str] | None = None
     exclude_modules: str | list[str] | None = None
     penalty_weight: float | None = None
@@ -107,7 +109,7 @@ class PruneConfig:
         self,
         method: str = "pof",
         sparsity: float | None = None,
-        scope: str = "layer",
+        scope: str | None = None,
         target_modules: str | list[str] | None = None,
         exclude_modules: str | list[str] | None = None,
         penalty_weight: float | None = None,
@@ -132,6 +134,8 @@ class PruneConfig:
                         f"be left unset); got {sparsity!r}"
                     )
                 sparsity = nm_sparsity
+            if scope is None:
+                scope = "layer"
             if scope != "layer":
                 raise ValueError(
                     f"PruneConfig.scope must be 'layer' with a pattern (N:M is per group of M inputs); got {scope!r}"
@@ -139,6 +143,8 @@ class PruneConfig:
         sparsity = 0.5 if sparsity is None else sparsity
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
             raise ValueError(f"PruneConfig.sparsity must be a number in [0, 1); got {sparsity!r}")
+        if scope is None:
+            scope = get_method(method).default_scope
         if scope not in SCOPES:
             raise ValueError(f"PruneConfig.scope must be one of {list(SCOPES)}; got {scope!r}")
         if scope not in get_method(method).scopes:

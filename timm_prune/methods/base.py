@@ -23,6 +23,7 @@ call a method only through the hooks below, each of which has a default here; a 
 ``supports_recovery``  whether ``recover()`` applies after ``prune()`` (not once channels are gone)
 ``scopes``             the ``PruneConfig.scope`` values it supports; ``"lamp"`` (``global_scores``) where the method
                        ranks with the base ``keep_masks``
+``default_scope``      ``PruneConfig.scope`` when the user gives none (one of ``scopes``)
 ``structure()``        the record that rebuilds a narrowed model (saved), ``load_structure(record)`` on load
 =====================  ==========================================================================================
 
@@ -117,6 +118,8 @@ class PruneMethod(nn.Module):
     needs_calibration: ClassVar[bool] = False
     # PruneConfig.scope values: "lamp" only where the masks come from keep_masks() / global_scores() below.
     scopes: ClassVar[tuple[str, ...]] = ("layer", "global")
+    # PruneConfig.scope when the user gives none.
+    default_scope: ClassVar[str] = "layer"
 
     def __init__(self, config: PruneConfig, model: nn.Module) -> None:
         super().__init__()
