@@ -41,15 +41,22 @@ def _unit_sum(module: nn.Module, output: torch.Tensor) -> tuple[torch.Tensor, in
     return total.sum(0), total.shape[0]
 
 
+def has_bias(module: nn.Module) -> bool:
+    """Whether the layer has a bias to correct."""
+    return getattr(module, "bias", None) is not None
+
+
 def output_means(
     forward: Callable[[torch.Tensor], Any],
     layers: dict[str, nn.Module],
     inputs: Sequence[torch.Tensor],
     names: Sequence[str] | None = None,
+    outputs: list[Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Per-unit mean output (float64) of each layer in ``names`` (default: all) over ``inputs``, measured at each
     layer's first call per forward, and the names in the order the layers first ran (layers that never ran are
-    left out). With a single name the forward stops as soon as that layer has run."""
+    left out). With a single name the forward stops as soon as that layer has run; otherwise each forward's output
+    is appended to ``outputs`` when it is given (``top1_predictions`` reads them: no second pass)."""
     names = list(layers) if names is None else list(names)
     sums: dict[str, list] = {}
     order: list[str] = []
@@ -77,23 +84,22 @@ def output_means(
         for x in inputs:
             seen.clear()
             try:
-                forward(x)
+                output = forward(x)
             except _Measured:  # only raised when stopping early
-                pass
+                continue
+            if outputs is not None:
+                outputs.append(output)
     finally:
         for handle in handles:
             handle.remove()
     return {name: total / count for name, (total, count) in sums.items()}, order
 
 
-def top1_predictions(
-    forward: Callable[[torch.Tensor], Any], inputs: Sequence[torch.Tensor]
-) -> list[torch.Tensor] | None:
-    """The index of the largest output (argmax over the last axis) per example, for each input batch; ``None``
-    when the outputs are not ``(batch, classes)`` tensors, which leaves nothing to compare."""
+def top1_predictions(outputs: Sequence[Any]) -> list[torch.Tensor] | None:
+    """The index of the largest output (argmax over the last axis) per example, for each batch of model outputs;
+    ``None`` when the outputs are not ``(batch, classes)`` tensors, which leaves nothing to compare."""
     predictions = []
-    for x in inputs:
-        output = forward(x)
+    for output in outputs:
         if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[-1] < 2:
             return None
         predictions.append(output.argmax(-1))
@@ -126,7 +132,7 @@ def correct_biases(
     corrected = []
     for name in order:
         module = layers[name]
-        if getattr(module, "bias", None) is None:
+        if not has_bias(module):
             continue
         measured, _ = output_means(forward, layers, inputs, [name])
         if name not in measured:

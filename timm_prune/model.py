@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from . import hub
-from .bias_correction import correct_biases, output_means, top1_agreement, top1_predictions
+from .bias_correction import correct_biases, has_bias, output_means, top1_agreement, top1_predictions
 from .config import RECOVERIES, PruneConfig
 from .hub import FileFormatError, SavedState
 from .hub.files import PRUNING_CONFIG_NAME
@@ -173,10 +173,12 @@ class PrunableModel(nn.Module):
         reference, order, dense_predictions = {}, [], None
         if inputs:
             with _eval_mode(self):
-                reference, order = output_means(self, self.targets, inputs)
                 # A timm model made with num_classes=0 returns pooled features: their argmax is no prediction.
-                if guard_bias_correction and getattr(self.model, "num_classes", None) != 0:
-                    dense_predictions = top1_predictions(self, inputs)
+                guarded = guard_bias_correction and getattr(self.model, "num_classes", None) != 0
+                outputs: list[Any] | None = [] if guarded else None
+                reference, order = output_means(self, self.targets, inputs, outputs=outputs)
+                if outputs is not None:
+                    dense_predictions = top1_predictions(outputs)
         keep_masks = self.pruner.keep_masks()
         report = PruneReport(self.config.method, self.config.scope, self.config.sparsity)
         energy_removed, energy_total = 0.0, 0.0
@@ -226,7 +228,7 @@ class PrunableModel(nn.Module):
         when it lowers the top-1 agreement with them on ``inputs``. Returns the names of the corrected layers."""
         if dense_predictions is None:
             return correct_biases(self, self.targets, inputs, reference, order)
-        biases = {name: module.bias.detach().clone() for name, module in self.targets.items() if _has_bias(module)}
+        biases = {name: module.bias.detach().clone() for name, module in self.targets.items() if has_bias(module)}
         before = top1_agreement(self, inputs, dense_predictions)
         corrected = correct_biases(self, self.targets, inputs, reference, order)
         after = top1_agreement(self, inputs, dense_predictions)
@@ -403,10 +405,6 @@ class PrunableModel(nn.Module):
         if not hub.push.is_main_process():
             return None  # before saved_state(): other ranks do not even merge
         return hub.push_to_hub(self.saved_state(), repo_id, **kwargs)
-
-
-def _has_bias(module: nn.Module) -> bool:
-    return getattr(module, "bias", None) is not None
 
 
 @contextlib.contextmanager
