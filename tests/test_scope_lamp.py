@@ -107,9 +107,17 @@ def test_gmp_reaches_its_sparsity_on_lamp_scores():
     assert {layer.name: layer.sparsity for layer in report.layers}[small] < 1.0
 
 
-def test_pof_estimates_large_layers_lamp_scores_from_a_sample():
+@pytest.mark.parametrize("threshold_sample", [65536, 10**7])  # thresholds from a draw / from every entry
+def test_pof_estimates_large_layers_lamp_scores_from_a_sample(threshold_sample):
     # lamp_sample=512: every layer of test_resnet but one is larger, so nearly every score is an estimate.
-    pm = _pm("lamp", method="pof", penalty_sparsities=[0.5, 0.9], penalty_weight=1.0, lamp_sample=512)
+    pm = _pm(
+        "lamp",
+        method="pof",
+        penalty_sparsities=[0.5, 0.9],
+        penalty_weight=1.0,
+        lamp_sample=512,
+        threshold_sample=threshold_sample,
+    )
     assert sum(layer.weight.numel() > 512 for layer in pm.targets.values()) >= 10
     _shrink(pm, 1e-3)
     pm.train()

@@ -364,7 +364,13 @@ class PofMethod(PruneMethod):
                 start += size
             sample = torch.cat(parts)
         else:
-            sample = torch.cat([score_fn() for score_fn in scores])
+            parts = []
+            for score_fn, size in zip(scores, sizes, strict=True):
+                score = score_fn()
+                if score.numel() != size:  # every position, each standing for its share of the layer
+                    score = score[torch.arange(size, device=score.device) * score.numel() // size]
+                parts.append(score)
+            sample = torch.cat(parts)
         ranks = [max(1, min(sample.numel(), round(p * sample.numel()))) for p in sparsities]
         return torch.stack([sample.kthvalue(k).values for k in ranks])
 
