@@ -10,8 +10,9 @@ Our formulation (the paper is known to us by its abstract only; every choice is 
 - The candidates are the entries pruning would remove now: per layer the ``sparsity`` fraction with the
   smallest ``|u|`` (``criterion="direction"``) or ``|w|`` (``criterion="weight"``); with
   ``scope="global"`` one threshold on the effective weights ``|w|`` (directions of layers with different
-  fan-in are not comparable); with ``scope="lamp"`` one threshold on each layer's LAMP scores of ``|w|``
-  (``masking.lamp_scores``: no layer emptied, whatever the layers' scales).
+  fan-in are not comparable); with ``scope="lamp"`` (the default) one threshold on each layer's LAMP scores of
+  ``|w|`` (``masking.lamp_scores``: no layer emptied, whatever the layers' scales; a large layer's estimated from a
+  sample of ``lamp_sample`` entries).
 - The penalty is the energy of the candidates, ``sum(u**2 over candidates)`` averaged over output units,
   averaged over layers, times ``penalty_weight``. Each unit's ``u`` has norm 1, so draining the candidates
   pushes the kept entries away from zero: the weights polarise. The candidates are re-selected every
