@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 import timm_prune
-from timm_prune.config import RECOVERIES, SCOPES
+from timm_prune.config import RECOVERIES, SCOPES, default_scope
 from timm_prune.data import DATASET_PRESETS
 from timm_prune.methods import get_method
 
@@ -249,8 +249,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
     if args.scope is None and args.method in timm_prune.list_methods():
-        # Written out (saved with the run's arguments): an N:M pattern is per layer, else the method's default scope.
-        args.scope = "layer" if args.pattern else get_method(args.method).default_scope
+        # Written out, as PruneConfig resolves it, so that the run's saved arguments name the scope used.
+        args.scope = default_scope(args.method, args.pattern)
     if args.output_dir is None:
         args.output_dir = default_output_dir(args)
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:

@@ -49,6 +49,15 @@ def nm_pattern(value: Any) -> tuple[int, int] | None:
     return n, m
 
 
+def default_scope(method: str, pattern: Any = None) -> str:
+    """The scope ``PruneConfig`` takes when none is given: per layer with an N:M ``pattern`` (a method that uses
+    one), else the method's own (``PruneMethod.default_scope``)."""
+    method_cls = get_method(method)
+    if pattern is not None and "pattern" not in method_cls.unused_fields:
+        return "layer"
+    return method_cls.default_scope
+
+
 def _check_patterns(name: str, value: Any) -> None:
     if value is None or isinstance(value, str):
         return
@@ -123,6 +132,8 @@ class PruneConfig:
             nm = nm_pattern(pattern)
         except ValueError as e:
             raise ValueError(f"PruneConfig.{e}") from None
+        if scope is None:
+            scope = default_scope(method, nm)
         if nm is not None and "pattern" not in get_method(method).unused_fields:
             nm_sparsity = 1.0 - nm[0] / nm[1]
             if sparsity is None:
@@ -134,8 +145,6 @@ class PruneConfig:
                         f"be left unset); got {sparsity!r}"
                     )
                 sparsity = nm_sparsity
-            if scope is None:
-                scope = "layer"
             if scope != "layer":
                 raise ValueError(
                     f"PruneConfig.scope must be 'layer' with a pattern (N:M is per group of M inputs); got {scope!r}"
@@ -143,8 +152,6 @@ class PruneConfig:
         sparsity = 0.5 if sparsity is None else sparsity
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
             raise ValueError(f"PruneConfig.sparsity must be a number in [0, 1); got {sparsity!r}")
-        if scope is None:
-            scope = get_method(method).default_scope
         if scope not in SCOPES:
             raise ValueError(f"PruneConfig.scope must be one of {list(SCOPES)}; got {scope!r}")
         if scope not in get_method(method).scopes:
