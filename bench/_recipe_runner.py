@@ -38,3 +38,12 @@ def train_one(job: tuple[list[str], str, int, dict[str, str]]) -> tuple[str, flo
         tail = Path(log_path).read_text()[-3000:]
         raise RuntimeError(f"recipe run failed (exit {code}): {' '.join(command)}\n--- {log_path} (tail) ---\n{tail}")
     return log_path, time.time() - started
+
+
+def recipe_prune_config(config_path: str | Path) -> dict[str, Any]:
+    """The PruneConfig fields (``method`` included) a recipe YAML describes, as ``recipes/train.py`` resolves them:
+    benchmarks that time a recipe's settings read them here instead of repeating them."""
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from recipe_args import parse_args, prune_config_from_args
+
+    return prune_config_from_args(parse_args(["--config", str(config_path)])).to_dict()

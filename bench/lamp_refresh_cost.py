@@ -25,20 +25,14 @@ from pathlib import Path
 import timm
 import torch
 from _cifar10_eval import step_time_ratio
+from _recipe_runner import ROOT, recipe_prune_config
 
 import timm_prune
 
 RESULTS = Path(__file__).resolve().parent / "results" / "convnext_atto"
 MODEL = "convnext_atto"
-# The ConvNeXt fine-tuning recipe's POF settings (recipes/configs/cifar10_finetune_pof_convnext.yaml).
-RECIPE = {
-    "sparsity": 0.9,
-    "penalty_weight": 30.0,
-    "penalty_sparsities": [0.5, 0.7, 0.9, 0.95],
-    "pruned_forward": 0.25,
-    "penalty_warmup": 176,
-    "threshold_refresh": 10,
-}
+# The ConvNeXt fine-tuning recipe's POF settings, as recipes/train.py reads them.
+RECIPE = recipe_prune_config(ROOT / "recipes" / "configs" / "cifar10_finetune_pof_convnext.yaml")
 SCOPES = {
     "per layer": {"scope": "layer"},
     "global": {"scope": "global"},
@@ -50,7 +44,7 @@ SCOPES = {
 def reselection_seconds(options: dict, calls: int) -> float:
     torch.manual_seed(0)
     model = timm.create_model(MODEL, num_classes=10).to(memory_format=torch.channels_last)
-    pruner = timm_prune.convert(model, timm_prune.PruneConfig(method="pof", **{**RECIPE, **options})).pruner
+    pruner = timm_prune.convert(model, timm_prune.PruneConfig(**{**RECIPE, **options})).pruner
     times = []
     for _ in range(calls):
         start = time.perf_counter()
@@ -73,7 +67,7 @@ def main() -> None:
     images, labels = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
     steps = {}
     for name, options in list(SCOPES.items())[1:]:
-        config = {**RECIPE, **options}
+        config = {k: v for k, v in {**RECIPE, **options}.items() if k != "method"}
         steps[name] = step_time_ratio(MODEL, {}, images, labels, config, steps=args.steps, bf16=True)
         print(f"[step] {name}", {k: round(v, 4) for k, v in steps[name].items()}, flush=True)
     gmp = {"sparsity": 0.9, "update_every": 10}

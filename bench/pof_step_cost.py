@@ -1,0 +1,92 @@
+"""What each part of a POF fine-tuning recipe costs per training step, against plain training, at two input sizes.
+
+The recipe's POF settings (read from its YAML) and the same settings with one part switched off, each timed
+against plain training on identical batches, interleaved (``_cifar10_eval.step_time_ratio``: the median of the
+ratios of adjacent steps; the mean ratio counts the candidate re-selection every ``threshold_refresh`` steps).
+One thread, bf16 autocast and channels-last tensors, as benchmark v2 trains ConvNeXt.
+
+At benchmark v2's 32 px a ConvNeXt-atto step spends little on activations, so the passes over all 3.7 M weights
+that POF adds (the re-parametrisation, the penalty and their backward) weigh more than they would on real inputs;
+the second size shows how the ratio moves.
+
+Writes bench/results/<model>/pof_step_cost.{json,md}.
+
+    OMP_NUM_THREADS=1 python bench/pof_step_cost.py      # about 15 minutes on a quiet machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from _cifar10_eval import step_time_ratio
+from _recipe_runner import ROOT, recipe_prune_config
+
+# Each variant: the recipe's POF fields overridden by these.
+VARIANTS = {
+    "recipe": {},
+    "plain weights (hyperspherical=False)": {"hyperspherical": False},
+    "no penalty (pruned forwards only)": {"penalty_weight": 0.0},
+    "plain weights, no penalty": {"hyperspherical": False, "penalty_weight": 0.0},
+    "no pruned forwards": {"pruned_forward": 0.0},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "recipes" / "configs" / "cifar10_finetune_pof_convnext.yaml"))
+    p.add_argument("--model", default="convnext_atto", help="timm name (random weights: only the time matters)")
+    p.add_argument("--img_sizes", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--results", default=None, help="default: bench/results/<model>")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    recipe = recipe_prune_config(args.config)
+    method = recipe.pop("method")
+    rows = []
+    for size in args.img_sizes:
+        torch.manual_seed(0)
+        images = torch.randn(args.batch_size, 3, size, size)
+        labels = torch.randint(0, 10, (args.batch_size,))
+        for name in args.variants:
+            options = {**recipe, **VARIANTS[name]}
+            timing = step_time_ratio(
+                args.model, {}, images, labels, options, steps=args.steps, method=method, bf16=True
+            )
+            rows.append({"img_size": size, "variant": name, **timing})
+            print(
+                f"[{size} px] {name}: x{timing['step_time_ratio']:.3f} median, x{timing['mean_step_time_ratio']:.3f}"
+                " mean",
+                flush=True,
+            )
+    lines = [
+        f"# POF step cost by part, {args.model}",
+        "",
+        f"Recipe: `{Path(args.config).relative_to(ROOT) if Path(args.config).is_relative_to(ROOT) else args.config}`. "
+        f"One thread, bf16, channels-last; {args.steps} interleaved POF / plain steps per case, batch "
+        f"{args.batch_size}. Median: of the ratios of adjacent steps; mean: with the candidate re-selections.",
+        "",
+        "| input | variant | median step ratio | mean step ratio | plain step (s) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['img_size']} px | {row['variant']} | x{row['step_time_ratio']:.3f} | "
+            f"x{row['mean_step_time_ratio']:.3f} | {row['median_step_s_plain']:.3f} |"
+        )
+    out = Path(args.results or ROOT / "bench" / "results" / args.model)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"model": args.model, "config": args.config, "recipe": {"method": method, **recipe}, "rows": rows}
+    tmp = out / "pof_step_cost.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(out / "pof_step_cost.json")
+    (out / "pof_step_cost.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
