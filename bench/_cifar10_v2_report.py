@@ -123,7 +123,10 @@ def contenders_in_order(results: dict[str, Any]) -> list[str]:
     return [c for c in ORDER if c in present] + sorted(present - set(ORDER))
 
 
-def label(contender: str) -> str:
+def label(contender: str, results: dict[str, Any]) -> str:
+    scope = results.get("gmp_scope", "global")
+    if contender == "gmp" and scope != "global":
+        return f"GMP FT on {'LAMP scores' if scope == 'lamp' else 'each layer'} (one model per sparsity)"
     return LABELS.get(contender, f"POF FT variant {contender}")
 
 
@@ -140,9 +143,10 @@ def main_table(results: dict[str, Any]) -> str:
         seeds = len({r["seed"] for r in results["rows"] if r["contender"] == contender and r["split"] == "test"})
         dense = test.get((contender, "dense", 0.0))
         variants = sorted(set(chosen.values()), key=lambda v: (v not in DATA_FREE, v))
+        name = label(contender, results)
         for variant in variants:
             cells = [_cell(test.get((contender, variant, s))) for s in sparsities]
-            lines.append(f"| {label(contender)} | {variant} | {seeds} | {_cell(dense)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {variant} | {seeds} | {_cell(dense)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -214,7 +218,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     test = aggregate(results["rows"], "test")
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.5), sharey=True)
     low, every = [], []  # plotted means up to 95 % set the frame's floor, so that their differences are visible
-    for ax, kind, title in ((axes[0], "with_data", "BatchNorm re-estimated"), (axes[1], "data_free", "data-free")):
+    panels = ((axes[0], "with_data", "with data (BatchNorm re-estimated or bias correction)"),
+              (axes[1], "data_free", "data-free"))  # fmt: skip
+    for ax, kind, title in panels:
         ax.set_prop_cycle(color=plt.cm.tab20.colors)
         for contender in contenders_in_order(results):
             variant = results["choices"].get(contender, {}).get(kind)
@@ -231,7 +237,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 yerr=[e["std"] for _, e in points],
                 marker="o",
                 capsize=3,
-                label=f"{label(contender)} [{variant}]",
+                label=f"{label(contender, results)} [{variant}]",
             )
         ax.set_title(title)
         ax.set_xlabel("sparsity of the targeted weights (%)")

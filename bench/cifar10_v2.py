@@ -107,6 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--gmp_sparsities", type=float, nargs="+", default=None, help="GMP runs (one per sparsity); default: all"
     )
     p.add_argument(
+        "--gmp_scope",
+        choices=("layer", "global", "lamp"),
+        default="global",
+        help="GMP's masks: one global threshold (the ResNet's best), per layer, or on LAMP scores (ConvNeXt's)",
+    )
+    p.add_argument(
         "--pof_variants",
         nargs="*",
         default=[],
@@ -243,12 +249,13 @@ def finetune_specs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             specs[f"{name}-s{seed}"] = {"contender": name, "seed": seed, **flags, **options}
         if "gmp" in args.contenders:
             for sparsity in args.gmp_sparsities:
-                specs[f"gmp{round(100 * sparsity)}-s{seed}"] = {
+                scope_suffix = "" if args.gmp_scope == "global" else f"_{args.gmp_scope}"
+                specs[f"gmp{round(100 * sparsity)}{scope_suffix}-s{seed}"] = {
                     "contender": "gmp",
                     "seed": seed,
                     "method": "gmp",
                     "sparsity": sparsity,
-                    "scope": "global",
+                    "scope": args.gmp_scope,
                     "update_every": 10,
                 }
     return specs
@@ -527,6 +534,8 @@ def main(argv: list[str] | None = None) -> None:
         # Every variant measured so far (a later invocation may name only some): the report lists their options.
         pof_variants={**results.get("pof_variants", {}), **args.pof_variants},
     )
+    if "gmp" in args.contenders and not args.report_only:  # one GMP scope per results file: the report names it
+        results["gmp_scope"] = args.gmp_scope
     if not args.report_only:  # the commands that measured rows, not the ones that re-wrote the report
         command = "python bench/cifar10_v2.py " + " ".join(argv if argv is not None else sys.argv[1:])
         commands = results.get("commands", [results["command"]] if "command" in results else [])
