@@ -31,6 +31,7 @@ VARIANTS = {
     "no penalty (pruned forwards only)": {"penalty_weight": 0.0},
     "plain weights, no penalty": {"hyperspherical": False, "penalty_weight": 0.0},
     "no pruned forwards": {"pruned_forward": 0.0},
+    "plain weights, no pruned forwards": {"hyperspherical": False, "pruned_forward": 0.0},
 }
 
 
