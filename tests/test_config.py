@@ -26,6 +26,8 @@ from timm_prune.targets import find_targets
         ({"exclude_modules": [1, 2]}, "exclude_modules"),
         ({"penalty_warmup": -5}, "penalty_warmup"),
         ({"threshold_refresh": 0}, "threshold_refresh"),
+        ({"penalty_every": 0}, "penalty_every"),
+        ({"penalty_every": 1.5}, "penalty_every"),
         ({"criterion": "random"}, "criterion"),
         ({"penalty_sparsities": [0.5, 1.0]}, "penalty_sparsities"),
         ({"penalty_sparsities": []}, "penalty_sparsities"),

@@ -273,3 +273,32 @@ def test_recalibrate_without_batchnorm_is_a_logged_no_op(caplog):
     with caplog.at_level(logging.WARNING):
         assert pm.recalibrate_batchnorm([torch.randn(2, 3, 32, 32)]) == 0
     assert "no BatchNorm layers" in caplog.text
+
+
+def test_penalty_every_k_calls_carries_k_times_the_weight():
+    """penalty_every=3: calls 1, 4, 7 return three times the every-call penalty, with three times its gradient;
+    the calls between return zero and leave the gradients alone."""
+    config = dict(sparsity=0.5, scope="layer", penalty_weight=2.0, target_modules=["0", "2"], threshold_refresh=100)
+    torch.manual_seed(0)
+    every_call = timm_prune.convert(_mlp(), timm_prune.PruneConfig(**config))
+    sparse = timm_prune.convert(_mlp(), timm_prune.PruneConfig(penalty_every=3, **config))
+    sparse.load_state_dict(every_call.state_dict())
+    seen = []
+    for call in range(7):
+        reference = every_call.penalty()
+        penalty = sparse.penalty()
+        seen.append(penalty.item())
+        if call % 3 == 0:
+            assert penalty.item() == pytest.approx(3 * reference.item(), rel=1e-6)
+            reference.backward()
+            penalty.backward()
+            for name in ("0", "2"):
+                ours, theirs = _directions(sparse)[name].grad, _directions(every_call)[name].grad
+                torch.testing.assert_close(ours, 3 * theirs)
+            every_call.zero_grad()
+            sparse.zero_grad()
+        else:
+            assert penalty.item() == 0.0 and not penalty.requires_grad
+    assert sum(v > 0 for v in seen) == 3
+    with torch.no_grad():  # evaluation calls report the penalty itself, unscaled
+        assert sparse.penalty().item() == pytest.approx(every_call.penalty().item(), rel=1e-6)

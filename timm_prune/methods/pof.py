@@ -16,7 +16,8 @@ Our formulation (the paper is known to us by its abstract only; every choice is 
 - The penalty is the energy of the candidates, ``sum(u**2 over candidates)`` averaged over output units,
   averaged over layers, times ``penalty_weight``. Each unit's ``u`` has norm 1, so draining the candidates
   pushes the kept entries away from zero: the weights polarise. The candidates are re-selected every
-  ``threshold_refresh`` training calls; the weight ramps up linearly over ``penalty_warmup`` calls.
+  ``threshold_refresh`` training calls; the weight ramps up linearly over ``penalty_warmup`` calls;
+  ``penalty_every=k`` computes it on one training call in k, at k times the weight.
 """
 
 from __future__ import annotations
@@ -135,6 +136,10 @@ class PofOptions:
     penalty_warmup: int = 0
     # Re-select the candidate set every this many training calls (1: every step, ~1.5x the step time of 10).
     threshold_refresh: int = 10
+    # Compute the penalty on one training call in this many, at this many times its weight (the other calls return
+    # zero): the same pull per step on average for a k-th of its passes over every weight, which weigh on a model
+    # whose activations are small next to its weights (ConvNeXt-atto at 32 px). 1: every call.
+    penalty_every: int = 1
     # Per-layer ranking: "direction" (|u|, each unit on equal footing) or "weight" (|g * u|).
     criterion: str = "direction"
     # Sparsities the penalty polarises for at once: nested candidate sets, each weighted equally, so that one
@@ -182,6 +187,8 @@ class PofOptions:
                 raise ValueError(f"PruneConfig.{name} must be True or False; got {getattr(self, name)!r}")
         if not is_int(self.penalty_warmup) or self.penalty_warmup < 0:
             raise ValueError(f"PruneConfig.penalty_warmup must be an integer >= 0; got {self.penalty_warmup!r}")
+        if not is_int(self.penalty_every) or self.penalty_every < 1:
+            raise ValueError(f"PruneConfig.penalty_every must be an integer >= 1; got {self.penalty_every!r}")
         if not is_int(self.threshold_refresh) or self.threshold_refresh < 1:
             raise ValueError(f"PruneConfig.threshold_refresh must be an integer >= 1; got {self.threshold_refresh!r}")
         if self.criterion not in ("direction", "weight"):
@@ -431,11 +438,16 @@ class PofMethod(PruneMethod):
         weight = self.current_weight()
         if not self.candidates_selected or (training and int(self.step) % self.config.threshold_refresh == 0):
             self.select_candidates()
+        skipped = False
         if training:
+            # Calls 1, 1 + k, 1 + 2k, ... (counted from 1) carry k times the weight; the others none.
+            every = self.config.penalty_every
+            skipped = int(self.step) % every != 0
+            weight *= every
             self.step += 1
-        if weight == 0.0:
-            # Pruned forwards alone (or the warm-up's first call): the candidates are kept current, and the energy
-            # pass, its backward and the fp32 copies of every direction are skipped. Not a zero tensor of the
+        if weight == 0.0 or skipped:
+            # Pruned forwards alone, the warm-up's first call or a call penalty_every skips: the candidates are kept
+            # current, and the energy pass, its backward and the fp32 copies of every direction are skipped. Not a zero tensor of the
             # graph: nothing would reach the gradients anyway.
             return torch.zeros((), device=self.device())
         num_sets = len(self.penalty_sparsities)
