@@ -28,6 +28,7 @@ from _recipe_runner import ROOT, recipe_prune_config
 VARIANTS = {
     "recipe": {},
     "plain weights (hyperspherical=False)": {"hyperspherical": False},
+    "plain weights, penalty every 4th call": {"hyperspherical": False, "penalty_every": 4},
     "no penalty (pruned forwards only)": {"penalty_weight": 0.0},
     "plain weights, no penalty": {"hyperspherical": False, "penalty_weight": 0.0},
     "no pruned forwards": {"pruned_forward": 0.0},

@@ -447,8 +447,8 @@ class PofMethod(PruneMethod):
             self.step += 1
         if weight == 0.0 or skipped:
             # Pruned forwards alone, the warm-up's first call or a call penalty_every skips: the candidates are kept
-            # current, and the energy pass, its backward and the fp32 copies of every direction are skipped. Not a zero tensor of the
-            # graph: nothing would reach the gradients anyway.
+            # current, and the energy pass, its backward and the fp32 copies of every direction are skipped. Not a
+            # zero tensor of the graph: nothing would reach the gradients anyway.
             return torch.zeros((), device=self.device())
         num_sets = len(self.penalty_sparsities)
         # Always float32: the energy is a sum of many small squares, which bf16 would round away.
