@@ -26,8 +26,11 @@ def _pm(hyperspherical: bool, pruned_forward: float = 0.0, **options) -> timm_pr
     return timm_prune.convert(model, config)
 
 
-def test_without_pruned_forwards_the_layers_keep_their_plain_weights():
-    pm = _pm(hyperspherical=False)
+@pytest.mark.parametrize("pruned_forward", [0.0, 0.5])
+def test_the_layers_keep_their_plain_weights(pruned_forward):
+    # No parametrization even with pruned forwards: those swap the weight for their one forward (dense steps cost
+    # nothing extra).
+    pm = _pm(hyperspherical=False, pruned_forward=pruned_forward)
     for name, layer in pm.targets.items():
         assert not parametrize.is_parametrized(layer)
         assert pm.pruner.direction(name) is layer.weight

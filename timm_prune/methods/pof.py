@@ -59,39 +59,29 @@ def _levels(score: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return (len(thresholds) - torch.bucketize(score.contiguous(), thresholds, right=False)).to(torch.uint8)
 
 
-class PrunedForward(nn.Module):
-    """Identity on the weight, except while ``forward_keep`` is set: for the duration of one of POF's
-    pruned-forward training steps the weight runs with the entries outside it at zero. ``straight_through``: the
-    gradient still reaches every entry; else only the kept ones. The parametrization of ``hyperspherical=False``
-    layers."""
+def _pruned_weight(weight: torch.Tensor, keep: torch.Tensor, straight_through: bool) -> torch.Tensor:
+    """The weight with the entries outside ``keep`` at zero, for one pruned forward. ``straight_through``: the
+    gradient still reaches every entry (so a pruned one can grow back); else only the kept ones."""
+    if straight_through:
+        return weight - (weight * ~keep).detach()
+    return weight * keep
+
+
+class Hyperspherical(nn.Module):
+    """``(g, v) -> g * v / ||v||`` per output unit; ``g`` is 1-D (one magnitude per unit). While ``forward_keep``
+    is set (one of POF's pruned-forward training steps), the weight runs with the entries outside it at zero."""
 
     def __init__(self, straight_through: bool = True) -> None:
         super().__init__()
         self.straight_through = straight_through
         self.forward_keep: torch.Tensor | None = None
 
-    def prune_forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.forward_keep is None:
-            return weight
-        if self.straight_through:
-            return weight - (weight * ~self.forward_keep).detach()
-        return weight * self.forward_keep
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.prune_forward(weight)
-
-    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight
-
-
-class Hyperspherical(PrunedForward):
-    """``(g, v) -> g * v / ||v||`` per output unit; ``g`` is 1-D (one magnitude per unit); pruned forwards as
-    ``PrunedForward``."""
-
     def forward(self, magnitude: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
         # torch's fused weight-norm kernel (what nn.utils.parametrizations.weight_norm runs): about 7x faster
         # than the same expression in separate ops on CPU, and this runs on every training step.
-        weight = self.prune_forward(torch._weight_norm(direction, magnitude.view(_unit_shape(direction)), 0))
+        weight = torch._weight_norm(direction, magnitude.view(_unit_shape(direction)), 0)
+        if self.forward_keep is not None:
+            weight = _pruned_weight(weight, self.forward_keep, self.straight_through)
         if weight.stride() != direction.stride():
             # The kernel returns contiguous strides; a channels-last model's convolutions pick their (much faster)
             # kernels by the weight's strides, as a plain layer's weight has them: give the weight the direction's.
@@ -170,7 +160,7 @@ class PofOptions:
     sparsity_ramp: int = 0
     # Re-parametrise each layer's weight as g * v / ||v|| (the penalty drains the direction v and leaves the
     # magnitudes g free). False: plain weights, the penalty acts on them directly, and no parametrization runs at
-    # all unless pruned_forward needs one (a training step then costs about what a plain one does).
+    # all (a pruned forward swaps in the pruned weight for its one forward; a dense step costs what a plain one does).
     hyperspherical: bool = True
     # Pruned forwards pass their gradient to every weight (True: straight-through, so a pruned entry can grow back
     # into the kept set) or to the kept ones only (False: the pruned entries learn from the dense forwards alone;
@@ -243,11 +233,11 @@ class PofMethod(PruneMethod):
             # resumed run must get them back from the checkpoint to continue exactly. Each entry holds how many of
             # the nested candidate sets (one per penalty sparsity) contain it.
             self.register_buffer(f"candidates_{index}", torch.zeros_like(module.weight, dtype=torch.uint8))
-            straight_through = self.config.straight_through
+            # Plain weights (hyperspherical=False) get no parametrization at all, pruned forwards or not: a pruned
+            # forward swaps their weight for the pruned one (forward_context), and the dense steps, most of them, pay
+            # nothing (a parametrization's call on every forward cost ConvNeXt-atto 5 % of a 32 px step).
             if self.config.hyperspherical:
-                parametrize.register_parametrization(module, "weight", Hyperspherical(straight_through))
-            elif self.config.pruned_forward > 0:
-                parametrize.register_parametrization(module, "weight", PrunedForward(straight_through))
+                parametrize.register_parametrization(module, "weight", Hyperspherical(self.config.straight_through))
 
     @property
     def _candidates(self) -> dict[str, torch.Tensor]:
@@ -260,10 +250,7 @@ class PofMethod(PruneMethod):
     def direction(self, name: str) -> torch.Tensor:
         """The parameter the penalty drains: the direction ``v`` of a hyperspherical layer, else the weight."""
         module = self.layers[name]
-        if not parametrize.is_parametrized(module, "weight"):
-            return module.weight
-        weights = module.parametrizations.weight
-        return weights.original1 if self.config.hyperspherical else weights.original
+        return module.parametrizations.weight.original1 if self.config.hyperspherical else module.weight
 
     def scores(self, name: str) -> torch.Tensor:
         if self.config.scope == "layer" and self.config.criterion == "direction":
@@ -409,7 +396,10 @@ class PofMethod(PruneMethod):
         norm_layers = [m for m in self.model.modules() if isinstance(m, _NORMS)]  # one walk of the model per step
         norms = [m for m in norm_layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         saved = [{k: b for k, b in m._buffers.items() if b is not None} for m in norms]
-        parametrizations = [self.layers[name].parametrizations.weight[0] for name in self.layers]
+        keeps = [candidates < pruned_from for candidates in self._candidates.values()]
+        layers = list(self.layers.values())
+        parametrizations = [m.parametrizations.weight[0] for m in layers] if self.config.hyperspherical else []
+        plain_weights = [] if self.config.hyperspherical else [m.weight for m in layers]
         held = norm_layers if self.config.hold_norms else []
         held_params = [{k: p for k, p in m._parameters.items() if p is not None} for m in held]
         try:
@@ -421,12 +411,18 @@ class PofMethod(PruneMethod):
                     # Same value, zero gradient; still in the graph, so that DDP sees every parameter used.
                     # Through the dict: Module.__setattr__ only takes a Parameter under a parameter's name.
                     module._parameters[key] = param.detach() + 0 * param
-            for module, candidates in zip(parametrizations, self._candidates.values(), strict=True):
-                module.forward_keep = candidates < pruned_from
+            for module, keep in zip(parametrizations, keeps, strict=False):
+                module.forward_keep = keep
+            for module, weight, keep in zip(layers, plain_weights, keeps, strict=False):
+                # Through the dict, as for the held norms: the pruned weight is a tensor of the graph, not a Parameter;
+                # its gradient reaches the Parameter, which goes back in place below.
+                module._parameters["weight"] = _pruned_weight(weight, keep, self.config.straight_through)
             yield
         finally:
             for module in parametrizations:
                 module.forward_keep = None
+            for module, weight in zip(layers, plain_weights, strict=False):
+                module._parameters["weight"] = weight
             for module, params in zip(held, held_params, strict=True):
                 module._parameters.update(params)
             for module, buffers in zip(norms, saved, strict=True):
