@@ -107,11 +107,23 @@ def test_a_missing_local_dir_is_a_one_line_error(tmp_path: Path):
 # committed base has on the 200 evaluation images (two steps from random weights stay near chance, 10 %).
 FINETUNE_RECIPES = {
     "cifar10_finetune_pof.yaml": (
-        {"scope": "global", "straight_through": False, "recovery": "mean", "pruned_forward": 0.25},
+        {
+            "scope": "global",
+            "straight_through": False,
+            "recovery": "mean",
+            "pruned_forward": 0.25,
+            "hyperspherical": True,
+        },
         0.6,
     ),
     "cifar10_finetune_pof_convnext.yaml": (
-        {"scope": "lamp", "straight_through": True, "recovery": "mean", "pruned_forward": 0.25},
+        {
+            "scope": "lamp",
+            "straight_through": True,
+            "recovery": "mean",
+            "pruned_forward": 0.25,
+            "hyperspherical": False,
+        },
         0.5,
     ),
 }
