@@ -43,6 +43,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_figures(directory: Path, stem: str, payload: dict[str, Any], lines: list[str]) -> None:
+    """A benchmark's figures as ``<stem>.json`` and its table as ``<stem>.md``, each written whole or not at all."""
+    atomic_write_text(directory / f"{stem}.json", json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write_text(directory / f"{stem}.md", "\n".join(lines) + "\n")
+
+
 def stats(values: list[float]) -> dict[str, float]:
     mean = statistics.mean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0

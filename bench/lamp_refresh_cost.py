@@ -17,7 +17,6 @@ Writes bench/results/convnext_atto/lamp_refresh_cost.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import timm
 import torch
 from _cifar10_eval import step_time_ratio
+from _cifar10_v2_report import write_figures
 from _recipe_runner import ROOT, recipe_prune_config
 
 import timm_prune
@@ -89,12 +89,8 @@ def main() -> None:
     row = steps["gmp"]
     lines.append(f"| GMP (reference) | - | x{row['step_time_ratio']:.3f} | x{row['mean_step_time_ratio']:.3f} |")
     out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
     payload = {"model": MODEL, "recipe": RECIPE, "reselection_s": reselection, "steps": steps}
-    tmp = out / "lamp_refresh_cost.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(out / "lamp_refresh_cost.json")
-    (out / "lamp_refresh_cost.md").write_text("\n".join(lines) + "\n")
+    write_figures(out, "lamp_refresh_cost", payload, lines)
     print("\n".join(lines))
 
 

@@ -17,11 +17,11 @@ Writes bench/results/<model>/pof_step_cost.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from _cifar10_eval import step_time_ratio
+from _cifar10_v2_report import write_figures
 from _recipe_runner import ROOT, recipe_prune_config
 
 # Each variant: the recipe's POF fields overridden by these.
@@ -81,12 +81,8 @@ def main() -> None:
             f"x{row['mean_step_time_ratio']:.3f} | {row['median_step_s_plain']:.3f} |"
         )
     out = Path(args.results or ROOT / "bench" / "results" / args.model)
-    out.mkdir(parents=True, exist_ok=True)
     payload = {"model": args.model, "config": args.config, "recipe": {"method": method, **recipe}, "rows": rows}
-    tmp = out / "pof_step_cost.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(out / "pof_step_cost.json")
-    (out / "pof_step_cost.md").write_text("\n".join(lines) + "\n")
+    write_figures(out, "pof_step_cost", payload, lines)
     print("\n".join(lines))
 
 
