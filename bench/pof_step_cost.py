@@ -3,7 +3,8 @@
 The recipe's POF settings (read from its YAML) and the same settings with one part switched off, each timed
 against plain training on identical batches, interleaved (``_cifar10_eval.step_time_ratio``: the median of the
 ratios of adjacent steps; the mean ratio counts the candidate re-selection every ``threshold_refresh`` steps).
-One thread, bf16 autocast and channels-last tensors, as benchmark v2 trains ConvNeXt.
+One thread, bf16 autocast and channels-last tensors, as benchmark v2 trains ConvNeXt (``--no-bf16``: fp32, as it
+trains the ResNet).
 
 At benchmark v2's 32 px a ConvNeXt-atto step spends little on activations, so the passes over all 3.7 M weights
 that POF adds (the re-parametrisation, the penalty and their backward) weigh more than they would on real inputs;
@@ -12,11 +13,15 @@ the second size shows how the ratio moves.
 Writes bench/results/<model>/pof_step_cost.{json,md}.
 
     OMP_NUM_THREADS=1 python bench/pof_step_cost.py      # about 15 minutes on a quiet machine
+    OMP_NUM_THREADS=1 python bench/pof_step_cost.py --config recipes/configs/cifar10_finetune_pof.yaml --no-bf16 \
+        --model resnet18 --model_kwargs '{"channels": [32, 64, 128, 256], "stem_width": 32}' \
+        --img_sizes 36 --results bench/results    # the ResNet recipe
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -40,6 +45,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "recipes" / "configs" / "cifar10_finetune_pof_convnext.yaml"))
     p.add_argument("--model", default="convnext_atto", help="timm name (random weights: only the time matters)")
+    p.add_argument("--model_kwargs", type=json.loads, default={}, help="create_model kwargs (JSON object)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 + channels-last")
     p.add_argument("--img_sizes", type=int, nargs="+", default=[32, 64])
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--steps", type=int, default=100)
@@ -57,7 +64,7 @@ def main() -> None:
         for name in args.variants:
             options = {**recipe, **VARIANTS[name]}
             timing = step_time_ratio(
-                args.model, {}, images, labels, options, steps=args.steps, method=method, bf16=True
+                args.model, args.model_kwargs, images, labels, options, steps=args.steps, method=method, bf16=args.bf16
             )
             rows.append({"img_size": size, "variant": name, **timing})
             print(
@@ -65,12 +72,13 @@ def main() -> None:
                 " mean",
                 flush=True,
             )
+    precision = "bf16, channels-last" if args.bf16 else "fp32"
     lines = [
         f"# POF step cost by part, {args.model}",
         "",
         f"Recipe: `{Path(args.config).relative_to(ROOT) if Path(args.config).is_relative_to(ROOT) else args.config}`. "
-        f"One thread, bf16, channels-last; {args.steps} interleaved POF / plain steps per case, batch "
-        f"{args.batch_size}. Median: of the ratios of adjacent steps; mean: with the candidate re-selections.",
+        f"One thread, {precision}; {args.steps} interleaved POF / plain steps per case, batch {args.batch_size}. "
+        "Median: of the ratios of adjacent steps; mean: with the candidate re-selections.",
         "",
         "| input | variant | median step ratio | mean step ratio | plain step (s) |",
         "|---|---|---:|---:|---:|",
@@ -81,7 +89,8 @@ def main() -> None:
             f"x{row['mean_step_time_ratio']:.3f} | {row['median_step_s_plain']:.3f} |"
         )
     out = Path(args.results or ROOT / "bench" / "results" / args.model)
-    payload = {"model": args.model, "config": args.config, "recipe": {"method": method, **recipe}, "rows": rows}
+    payload = {"model": args.model, "model_kwargs": args.model_kwargs, "bf16": args.bf16, "config": args.config}
+    payload.update(recipe={"method": method, **recipe}, rows=rows)
     write_figures(out, "pof_step_cost", payload, lines)
     print("\n".join(lines))
 
