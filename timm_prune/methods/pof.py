@@ -235,7 +235,7 @@ class PofMethod(PruneMethod):
             self.register_buffer(f"candidates_{index}", torch.zeros_like(module.weight, dtype=torch.uint8))
             # Plain weights (hyperspherical=False) get no parametrization at all, pruned forwards or not: a pruned
             # forward swaps their weight for the pruned one (forward_context), and the dense steps, most of them, pay
-            # nothing (a parametrization's call on every forward cost ConvNeXt-atto 5 % of a 32 px step).
+            # nothing (a parametrization call on every forward cost ConvNeXt-atto about 2 % of a 32 px step).
             if self.config.hyperspherical:
                 parametrize.register_parametrization(module, "weight", Hyperspherical(self.config.straight_through))
 
