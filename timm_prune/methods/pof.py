@@ -398,8 +398,9 @@ class PofMethod(PruneMethod):
         saved = [{k: b for k, b in m._buffers.items() if b is not None} for m in norms]
         keeps = [candidates < pruned_from for candidates in self._candidates.values()]
         layers = list(self.layers.values())
-        parametrizations = [m.parametrizations.weight[0] for m in layers] if self.config.hyperspherical else []
-        plain_weights = [] if self.config.hyperspherical else [m.weight for m in layers]
+        # A hyperspherical layer prunes inside its parametrization; a plain one has its weight swapped (below).
+        spherical = self.config.hyperspherical
+        originals = {} if spherical else {module: module.weight for module in layers}
         held = norm_layers if self.config.hold_norms else []
         held_params = [{k: p for k, p in m._parameters.items() if p is not None} for m in held]
         try:
@@ -411,18 +412,20 @@ class PofMethod(PruneMethod):
                     # Same value, zero gradient; still in the graph, so that DDP sees every parameter used.
                     # Through the dict: Module.__setattr__ only takes a Parameter under a parameter's name.
                     module._parameters[key] = param.detach() + 0 * param
-            for module, keep in zip(parametrizations, keeps, strict=False):
-                module.forward_keep = keep
-            for module, weight, keep in zip(layers, plain_weights, keeps, strict=False):
-                # Through the dict, as for the held norms: the pruned weight is a tensor of the graph, not a Parameter;
-                # its gradient reaches the Parameter, which goes back in place below.
-                module._parameters["weight"] = _pruned_weight(weight, keep, self.config.straight_through)
+            for module, keep in zip(layers, keeps, strict=True):
+                if spherical:
+                    module.parametrizations.weight[0].forward_keep = keep
+                else:
+                    # Through the dict, as for the held norms: the pruned weight is a tensor of the graph, not a
+                    # Parameter; its gradient reaches the Parameter, which goes back in place below.
+                    module._parameters["weight"] = _pruned_weight(originals[module], keep, self.config.straight_through)
             yield
         finally:
-            for module in parametrizations:
-                module.forward_keep = None
-            for module, weight in zip(layers, plain_weights, strict=False):
-                module._parameters["weight"] = weight
+            for module in layers:
+                if spherical:
+                    module.parametrizations.weight[0].forward_keep = None
+                else:
+                    module._parameters["weight"] = originals[module]
             for module, params in zip(held, held_params, strict=True):
                 module._parameters.update(params)
             for module, buffers in zip(norms, saved, strict=True):
