@@ -28,6 +28,8 @@ from timm_prune.targets import find_targets
         ({"threshold_refresh": 0}, "threshold_refresh"),
         ({"penalty_every": 0}, "penalty_every"),
         ({"penalty_every": 1.5}, "penalty_every"),
+        ({"candidate_decay": 1.0}, "candidate_decay"),
+        ({"candidate_decay": -0.01}, "candidate_decay"),
         ({"criterion": "random"}, "criterion"),
         ({"penalty_sparsities": [0.5, 1.0]}, "penalty_sparsities"),
         ({"penalty_sparsities": []}, "penalty_sparsities"),

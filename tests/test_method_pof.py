@@ -275,6 +275,36 @@ def test_recalibrate_without_batchnorm_is_a_logged_no_op(caplog):
     assert "no BatchNorm layers" in caplog.text
 
 
+@pytest.mark.parametrize("hyperspherical", [True, False])
+def test_candidate_decay_shrinks_each_candidate_by_its_share_of_the_sets(hyperspherical):
+    """candidate_decay=d after the optimizer step: an entry in c of the n nested sets keeps 1 - d * c / n of its value
+    (ramped in with the warm-up), every other entry is untouched, and the optimizer's Parameters stay in place."""
+    config = timm_prune.PruneConfig(
+        sparsity=0.5,
+        scope="layer",
+        penalty_weight=0.0,
+        penalty_sparsities=[0.25, 0.5],
+        candidate_decay=0.2,
+        penalty_warmup=4,
+        hyperspherical=hyperspherical,
+        target_modules=["0", "2"],
+    )
+    pm = timm_prune.convert(_mlp(), config)
+    params = {n: pm.pruner.direction(n) for n in ("0", "2")}
+    assert pm.on_step_end() == {}  # no candidates selected yet: nothing to shrink
+    pm.penalty()  # one training call: selects the candidates, warm-up at 1 / 4
+    before = {n: p.detach().clone() for n, p in params.items()}
+    counts = pm.pruner.candidate_counts()
+    logs = pm.on_step_end(step=1, total_steps=10)
+    assert logs["pof/candidate_decay"] == pytest.approx(0.05)
+    for name, param in params.items():
+        assert pm.pruner.direction(name) is param
+        c = counts[name].float()
+        assert (c == 2).any() and (c == 1).any() and (c == 0).any()
+        torch.testing.assert_close(param.detach(), before[name] * (1 - 0.05 * c / 2))
+    assert pm.penalty().item() == 0.0  # the decay is no penalty: nothing goes through the gradient
+
+
 def test_penalty_every_k_calls_carries_k_times_the_weight():
     """penalty_every=3: calls 1, 4, 7 return three times the every-call penalty, with three times its gradient;
     the calls between return zero and leave the gradients alone."""
