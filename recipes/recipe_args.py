@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--validation_split", type=str, default=None, help="split to validate on, or 'holdout' (default: detected)"
     )
+    g.add_argument(
+        "--split_seed",
+        type=int,
+        default=None,
+        help="seed of the hold-out split (default: --seed). Fine-tuning a trained model: give the seed its own "
+        "training held out with, or the new hold-out is mostly images it trained on",
+    )
     g.add_argument("--max_train_samples", type=int, default=None)
     g.add_argument("--max_eval_samples", type=int, default=None)
     g.add_argument("--num_workers", type=int, default=min(2, os.cpu_count() or 1), help="DataLoader workers")

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.image_column,
                 args.label_column,
                 args.validation_fraction,
-                args.seed,
+                args.seed if args.split_seed is None else args.split_seed,
                 args.max_train_samples,
                 args.max_eval_samples,
                 args.validation_split,

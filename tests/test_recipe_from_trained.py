@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,6 +129,22 @@ FINETUNE_RECIPES = {
         0.5,
     ),
 }
+
+
+BASES = {"cifar10_finetune_pof.yaml": "base_cache", "cifar10_finetune_pof_convnext.yaml": "base_cache_convnext_atto"}
+
+
+@pytest.mark.parametrize("recipe_name", sorted(BASES))
+def test_finetune_recipe_holds_out_what_its_base_held_out(recipe_name: str):
+    """A hold-out drawn with another seed than the base's would be mostly images the base trained on."""
+    recipe = yaml.safe_load((REPO / "recipes" / "configs" / recipe_name).read_text())
+    base = json.loads((REPO / "bench" / BASES[recipe_name] / "base_recipe.json").read_text())
+    assert recipe["model"] == f"local-dir:bench/{BASES[recipe_name]}"
+    assert (recipe["validation_split"], recipe["validation_fraction"]) == (
+        base["validation_split"],
+        base["validation_fraction"],
+    )
+    assert recipe["split_seed"] == base["seed"]
 
 
 @requires_cifar10
