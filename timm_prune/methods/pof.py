@@ -61,12 +61,29 @@ def _levels(score: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return (len(thresholds) - torch.bucketize(score.contiguous(), thresholds, right=False)).to(torch.uint8)
 
 
+class _PrunedWeight(torch.autograd.Function):
+    """The weight with the entries outside ``keep`` at zero, for one pruned forward; the gradient reaches every entry
+    (``straight_through``: a pruned one can grow back) or the kept ones only. One pass each way: the same values and
+    gradients as ``weight - (weight * ~keep).detach()`` (or ``weight * keep``), whose graph made a pruned
+    ConvNeXt-atto step at 32 px cost x1.22 a dense one instead of x1.03."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, keep: torch.Tensor, straight_through: bool) -> torch.Tensor:
+        ctx.straight_through = straight_through
+        if not straight_through:
+            ctx.save_for_backward(keep)
+        return torch.where(keep, weight, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        if ctx.straight_through:
+            return grad, None, None
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0.0), None, None
+
+
 def _pruned_weight(weight: torch.Tensor, keep: torch.Tensor, straight_through: bool) -> torch.Tensor:
-    """The weight with the entries outside ``keep`` at zero, for one pruned forward. ``straight_through``: the
-    gradient still reaches every entry (so a pruned one can grow back); else only the kept ones."""
-    if straight_through:
-        return weight - (weight * ~keep).detach()
-    return weight * keep
+    return _PrunedWeight.apply(weight, keep, straight_through)
 
 
 class Hyperspherical(nn.Module):
