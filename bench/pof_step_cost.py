@@ -36,11 +36,9 @@ VARIANTS = {
     "plain weights, penalty every 4th call": {"hyperspherical": False, "penalty_every": 4},
     "no penalty (pruned forwards only)": {"penalty_weight": 0.0},
     "plain weights, no penalty": {"hyperspherical": False, "penalty_weight": 0.0},
+    # Also the steps of a recipe after its pruned_forward_until ("recipe" times those before: every timed step is).
     "no pruned forwards": {"pruned_forward": 0.0},
     "plain weights, no pruned forwards": {"hyperspherical": False, "pruned_forward": 0.0},
-    # A recipe whose pruned forwards stop at pruned_forward_until: "recipe" times the steps before (every timed step
-    # is), this one the steps after.
-    "after pruned_forward_until": {"pruned_forward": 0.0},
     "pruned forwards 0.25 to the end": {"pruned_forward": 0.25, "pruned_forward_until": 0},
 }
 
