@@ -110,6 +110,31 @@ def test_the_draw_is_seeded_by_the_step_and_follows_the_probability():
     assert set(pruned) == {0, 1}
 
 
+def test_pruned_forward_sparsities_restrict_the_levels_drawn():
+    pm = _pm(pruned_forward=1.0, pruned_forward_sparsities=[0.8])
+    draws = set()
+    for _ in range(60):
+        draws.add(pm.pruner.pruned_forward_level())
+        pm.penalty()
+    assert draws == {SPARSITIES.index(0.8)}
+    # The pruned forward really runs that level: as many weights at zero as the 0.8 candidate set holds.
+    pm.train()
+    seen = []
+    layer = pm.model.get_submodule("layer4.0.conv2")
+    hook = layer.register_forward_pre_hook(lambda m, _: seen.append(float((m.weight == 0).float().mean())))
+    with torch.no_grad():
+        pm(torch.randn(2, 3, 32, 32))
+    hook.remove()
+    counts = pm.pruner.candidate_counts()["layer4.0.conv2"]
+    assert seen == [pytest.approx(float((counts > 0).float().mean()))] and seen[0] > 0
+
+
+@pytest.mark.parametrize("chosen, match", [([0.9], r"\[0.9\] are not among penalty_sparsities"), ([], "non-empty")])
+def test_bad_pruned_forward_sparsities_name_the_field_and_the_levels(chosen, match):
+    with pytest.raises(ValueError, match=match):
+        timm_prune.PruneConfig(method="pof", penalty_sparsities=SPARSITIES, pruned_forward_sparsities=chosen)
+
+
 def test_training_with_pruned_forwards_reduces_the_loss_of_the_pruned_model():
     torch.manual_seed(1)
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 4, (32,))
@@ -167,3 +192,48 @@ def test_pruned_forwards_stop_after_pruned_forward_until_training_calls():
     assert [level is not None for level in levels] == [True, True, False, False]
     with pytest.raises(ValueError, match="pruned_forward_until"):
         timm_prune.PruneConfig(method="pof", pruned_forward=0.5, pruned_forward_until=-1)
+
+
+@pytest.mark.parametrize("hyperspherical", [True, False])
+def test_pruned_forwards_reuse_their_buffers_and_two_forwards_before_one_backward_stay_exact(hyperspherical):
+    x1, x2 = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32)
+    pm = _pm(pruned_forward=1.0, hyperspherical=hyperspherical, straight_through=False).train()
+    layer = pm.model.get_submodule("layer4.0.conv2")
+    seen = []
+    hook = layer.register_forward_pre_hook(lambda m, _: seen.append(m.weight.data_ptr()))
+    for x in (x1, x2):  # one step after the other: the second writes where the first did
+        pm(x).square().mean().backward()
+    assert seen[0] == seen[1]
+    # Two forwards, then one backward: the second may not overwrite what the first graph still needs.
+    pm.zero_grad()
+    (pm(x1).square().mean() + pm(x2).square().mean()).backward()
+    hook.remove()
+    assert seen[2] != seen[3]
+    together = {n: p.grad.clone() for n, p in pm.named_parameters()}
+    pm.zero_grad()
+    for x in (x1, x2):
+        pm(x).square().mean().backward()
+    for name, param in pm.named_parameters():
+        torch.testing.assert_close(param.grad, together[name], msg=name)
+
+
+def test_pruned_forward_loss_weight_scales_the_pruned_forwards_gradient_and_leaves_dense_ones_alone():
+    x = torch.randn(6, 3, 32, 32)
+    grads, outputs = {}, {}
+    for pruned_forward, weight in ((1.0, 1.0), (1.0, 0.25), (0.0, 1.0), (0.0, 0.25)):
+        pm = _pm(pruned_forward=pruned_forward, pruned_forward_loss_weight=weight).train()
+        out = pm(x)
+        out.square().mean().backward()
+        outputs[pruned_forward, weight] = out.detach()
+        grads[pruned_forward, weight] = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(outputs[1.0, 0.25], outputs[1.0, 1.0])  # the value is the pruned forward's
+    assert not torch.allclose(outputs[1.0, 1.0], outputs[0.0, 1.0])
+    for name, grad in grads[1.0, 1.0].items():
+        torch.testing.assert_close(grads[1.0, 0.25][name], 0.25 * grad, msg=name)
+        torch.testing.assert_close(grads[0.0, 0.25][name], grads[0.0, 1.0][name], msg=name)  # dense: untouched
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, "half"])
+def test_a_bad_pruned_forward_loss_weight_names_the_field(weight):
+    with pytest.raises(ValueError, match="pruned_forward_loss_weight"):
+        timm_prune.PruneConfig(method="pof", pruned_forward_loss_weight=weight)
