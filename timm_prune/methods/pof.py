@@ -525,13 +525,19 @@ class PofMethod(PruneMethod):
         allowed = [i for i, s in enumerate(levels) if chosen is None or s in chosen]
         return allowed[int(torch.randint(len(allowed), (), generator=generator))]
 
-    def _borrow_buffers(self, name: str) -> _PrunedForwardBuffers | None:
-        """The layer's reusable pruned-forward buffers, lent to this step's graph; None where no backward will
-        give them back (no gradient wanted) or an earlier graph still holds them."""
+    def _keep_mask(
+        self, name: str, candidates: torch.Tensor, pruned_from: int
+    ) -> tuple[torch.Tensor, _PrunedForwardBuffers | None]:
+        """The layer's 0 / 1 mask of the entries a pruned forward keeps, in its weight's dtype, and the reusable
+        buffers it was written into: lent to this step's graph, or None where no backward will give them back (no
+        gradient wanted) or an earlier graph still holds them (then the mask is a new tensor)."""
         direction = self.direction(name)
-        if not (torch.is_grad_enabled() and direction.requires_grad):
-            return None
-        return self._pruned_forward_buffers.setdefault(name, _PrunedForwardBuffers()).borrow(direction)
+        own = None
+        if torch.is_grad_enabled() and direction.requires_grad:
+            own = self._pruned_forward_buffers.setdefault(name, _PrunedForwardBuffers()).borrow(direction)
+        # A compare on the float counts: a bool mask (candidates < pruned_from) then its conversion cost 3x more.
+        counts = own.keep.copy_(candidates) if own is not None else candidates.to(direction.dtype)
+        return counts.lt_(pruned_from), own
 
     @contextlib.contextmanager
     def forward_context(self, training: bool):
@@ -550,14 +556,8 @@ class PofMethod(PruneMethod):
         norms = [m for m in norm_layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         saved = [{k: b for k, b in m._buffers.items() if b is not None} for m in norms]
         layers = list(self.layers.values())
-        # Each layer's buffers, when a backward will give them back (a graph that needs gradients).
-        lent = [self._borrow_buffers(name) for name in self.layers]
-        # 0 / 1 masks in each weight's dtype, from a compare on the float counts: a bool mask (candidates <
-        # pruned_from) then its conversion cost 3x more, and _PrunedWeight multiplies by the mask.
-        keeps = []
-        for (name, candidates), own in zip(self._candidates.items(), lent, strict=True):
-            counts = own.keep.copy_(candidates) if own is not None else candidates.to(self.direction(name).dtype)
-            keeps.append(counts.lt_(pruned_from))
+        # What _PrunedWeight multiplies each weight by, and where it writes the pruned weight.
+        masks = [self._keep_mask(name, candidates, pruned_from) for name, candidates in self._candidates.items()]
         # A hyperspherical layer prunes inside its parametrization; a plain one has its weight swapped (below).
         spherical = self.config.hyperspherical
         originals = {} if spherical else {module: module.weight for module in layers}
@@ -576,7 +576,7 @@ class PofMethod(PruneMethod):
                     # Same value, zero gradient; still in the graph, so that DDP sees every parameter used.
                     # Through the dict: Module.__setattr__ only takes a Parameter under a parameter's name.
                     module._parameters[key] = param.detach() + 0 * param
-            for module, keep, own in zip(layers, keeps, lent, strict=True):
+            for module, (keep, own) in zip(layers, masks, strict=True):
                 if spherical:
                     parametrization = module.parametrizations.weight[0]
                     parametrization.forward_keep, parametrization.forward_buffers = keep, own
