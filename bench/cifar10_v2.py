@@ -366,6 +366,9 @@ def train_finetunes(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) 
             "epochs": args.finetune_epochs,
             "lr": args.finetune_lr,
             "warmup_epochs": 0,
+            # Hold out what the base held out (it trained with seed 0): with the run's own seed the validation
+            # images would be mostly images the base trained on.
+            "split_seed": 0,
             **{k: v for k, v in spec.items() if k not in ("contender", "seed")},
         }
         jobs.append(_job(flags, out, args))

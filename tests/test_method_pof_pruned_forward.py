@@ -237,3 +237,52 @@ def test_pruned_forward_loss_weight_scales_the_pruned_forwards_gradient_and_leav
 def test_a_bad_pruned_forward_loss_weight_names_the_field(weight):
     with pytest.raises(ValueError, match="pruned_forward_loss_weight"):
         timm_prune.PruneConfig(method="pof", pruned_forward_loss_weight=weight)
+
+
+class _TwoBranches(torch.nn.Module):
+    """A stem and two heads; ``use_second=False`` leaves the second head out of the forward (and of the graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.first, self.second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, use_second: bool = True) -> torch.Tensor:
+        h = self.stem(x).relu()
+        return self.second(h) + self.first(h) if use_second else self.first(h)
+
+
+@pytest.mark.parametrize("hyperspherical", [True, False])
+def test_buffers_come_back_after_a_forward_that_raised_or_left_a_layer_out(hyperspherical):
+    torch.manual_seed(0)
+    config = timm_prune.PruneConfig(method="pof", sparsity=0.5, scope="layer", pruned_forward=1.0,
+                                    hyperspherical=hyperspherical)  # fmt: skip
+    pm = timm_prune.convert(_TwoBranches(), config).train()
+    pm.penalty()
+    seen = []
+    pm.model.second.register_forward_pre_hook(lambda m, _: seen.append(m.weight.data_ptr()))
+    x = torch.randn(4, 8)
+    pm(x).sum().backward()
+    pm(x, use_second=False).sum().backward()  # the second head is left out of this graph
+    boom = pm.model.first.register_forward_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        pm(x)  # the second head ran, then the forward raised: no backward will come
+    boom.remove()
+    pm(x).sum().backward()
+    assert len(seen) == 3 and seen[0] == seen[1] == seen[2]  # every pruned forward wrote into the same buffer
+
+
+def test_a_layer_run_twice_in_one_pruned_forward_gets_the_gradient_of_both_uses():
+    x, other = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32)
+    pm = _pm(pruned_forward=1.0, straight_through=False).train()
+    layer = pm.model.get_submodule("layer4.0.conv2")
+    # The layer's (pruned) weight taken a second time within its own forward, on its output.
+    layer.register_forward_hook(lambda m, _, out: out + F.conv2d(out, m.weight, None, m.stride, m.padding) * 0.5)
+    pm(x).square().mean().backward()
+    reused = {n: p.grad.clone() for n, p in pm.named_parameters()}
+    # The same step while an earlier graph holds every buffer: both uses get tensors of their own.
+    pm.zero_grad()
+    held = pm(other)
+    pm(x).square().mean().backward()
+    del held
+    for name, param in pm.named_parameters():
+        torch.testing.assert_close(param.grad, reused[name], msg=name)

@@ -25,6 +25,7 @@ Our formulation (the paper is known to us by its abstract only; every choice is 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,18 +72,31 @@ class _PrunedForwardBuffers:
     def __init__(self) -> None:
         self.keep: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None
-        # Lent to a graph whose backward has not run: the next pruned forward allocates instead of overwriting what
-        # that backward will read (two forwards before one backward stay correct, just not faster).
+        # Lent to a graph that may still run its backward: the next pruned forward allocates instead of overwriting
+        # what that backward will read (two forwards before one backward stay correct, just not faster).
         self.lent = False
+        self._lease = 0  # which lending a give-back refers to: a stale one must not free a later graph's buffers
 
-    def borrow(self, weight: torch.Tensor) -> _PrunedForwardBuffers | None:
+    def writable(self, weight: torch.Tensor) -> _PrunedForwardBuffers | None:
+        """These buffers, shaped like ``weight``, when no graph holds them; None otherwise."""
         if self.lent:
             return None
         if self.weight is None or self.weight.shape != weight.shape or self.weight.dtype != weight.dtype \
                 or self.weight.device != weight.device or self.weight.stride() != weight.stride():  # fmt: skip
             self.keep, self.weight = torch.empty_like(weight), torch.empty_like(weight)
-        self.lent = True
         return self
+
+    def lend(self, node: Any) -> int:
+        """Lend the buffers to the graph of ``node`` (an autograd context) until its backward gives them back, or
+        until the graph is freed without one (a forward that raised, a layer whose output the loss never used)."""
+        self._lease += 1
+        self.lent = True
+        weakref.finalize(node, self.give_back, self._lease)
+        return self._lease
+
+    def give_back(self, lease: int) -> None:
+        if lease == self._lease:
+            self.lent = False
 
 
 class _PrunedWeight(torch.autograd.Function):
@@ -98,11 +112,14 @@ class _PrunedWeight(torch.autograd.Function):
     def forward(ctx, weight: torch.Tensor, keep: torch.Tensor, straight_through: bool,
                 buffers: _PrunedForwardBuffers | None) -> torch.Tensor:  # fmt: skip
         keep = keep.to(weight.dtype)  # no copy when it already is (the masks forward_context builds)
+        if buffers is not None and buffers.lent:
+            buffers = None  # a layer run twice in one forward: its first weight is still needed
         ctx.straight_through, ctx.buffers = straight_through, buffers
         if not straight_through:
             ctx.save_for_backward(keep)
         if buffers is None:
             return weight * keep  # the weight first: the product keeps its strides (a channels-last kernel stays one)
+        ctx.lease = buffers.lend(ctx)
         # An alias, not the buffer itself: a new tensor for this graph that shares the buffer's version counter, so
         # a write after this graph's backward is fine and one before it (misuse of the lending) raises.
         return torch.mul(weight, keep, out=buffers.weight).detach()
@@ -111,7 +128,7 @@ class _PrunedWeight(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         # The layer's own backward, which reads the pruned weight, has run before this one: the buffers are free.
         if ctx.buffers is not None:
-            ctx.buffers.lent = False
+            ctx.buffers.give_back(ctx.lease)
         if ctx.straight_through:
             return grad, None, None, None
         (keep,) = ctx.saved_tensors
@@ -529,12 +546,12 @@ class PofMethod(PruneMethod):
         self, name: str, candidates: torch.Tensor, pruned_from: int
     ) -> tuple[torch.Tensor, _PrunedForwardBuffers | None]:
         """The layer's 0 / 1 mask of the entries a pruned forward keeps, in its weight's dtype, and the reusable
-        buffers it was written into: lent to this step's graph, or None where no backward will give them back (no
-        gradient wanted) or an earlier graph still holds them (then the mask is a new tensor)."""
+        buffers it was written into (lent to this step's graph once the layer runs), or None where no backward will
+        give them back (no gradient wanted) or an earlier graph still holds them (then the mask is a new tensor)."""
         direction = self.direction(name)
         own = None
         if torch.is_grad_enabled() and direction.requires_grad:
-            own = self._pruned_forward_buffers.setdefault(name, _PrunedForwardBuffers()).borrow(direction)
+            own = self._pruned_forward_buffers.setdefault(name, _PrunedForwardBuffers()).writable(direction)
         # A compare on the float counts: a bool mask (candidates < pruned_from) then its conversion cost 3x more.
         counts = own.keep.copy_(candidates) if own is not None else candidates.to(direction.dtype)
         return counts.lt_(pruned_from), own
