@@ -128,6 +128,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also measure these (bias: prune with bias correction on the BatchNorm batches); runs without their "
         "rows are evaluated again (and trained again when their folders are gone)",
     )
+    p.add_argument(
+        "--finetune_split",
+        choices=("base", "run"),
+        default="base",
+        help="the hold-out of each fine-tuning run: the base's (split seed 0), or the run's own seed, as every run "
+        "before session 15 had it (its held-out rows then include images it trained on); 'run' pairs new runs with "
+        "those rows",
+    )
     p.add_argument("--bn_batches", type=int, default=10)
     p.add_argument("--val_samples", type=int, default=2000, help="held-out images used for choices")
     p.add_argument("--validation_fraction", type=float, default=0.1, help="held-out part of train")
@@ -368,7 +376,7 @@ def train_finetunes(args: argparse.Namespace, specs: dict[str, dict[str, Any]]) 
             "warmup_epochs": 0,
             # Hold out what the base held out (it trained with seed 0): with the run's own seed the validation
             # images would be mostly images the base trained on.
-            "split_seed": 0,
+            "split_seed": 0 if args.finetune_split == "base" else spec["seed"],
             **{k: v for k, v in spec.items() if k not in ("contender", "seed")},
         }
         jobs.append(_job(flags, out, args))
