@@ -125,6 +125,7 @@ FINETUNE_RECIPES = {
             "recovery": "mean",
             "pruned_forward": 1.0,
             "pruned_forward_loss_weight": 0.5,
+            "pruned_forward_sparsities": [0.5, 0.7, 0.9],
             "pruned_forward_until": 352,
             "hyperspherical": False,
             "penalty_every": 4,
