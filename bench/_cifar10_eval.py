@@ -252,13 +252,15 @@ def step_time_ratio(
     warmup: int = 4,
     method: str = "pof",
     bf16: bool = False,
+    device: str = "cpu",
 ) -> dict[str, float]:
     """Training-step time of POF (B) over plain training (A) on identical batches, interleaved: the median of the
     ratios of adjacent steps.
 
     Both start from the same initial weights and use the recipe's optimizer; the order alternates every step
     (A B, B A, ...) so that drifts of a shared, noisy machine hit both alike. ``bf16``: both under bfloat16 autocast
-    with channels-last tensors, as the v2 benchmark trains.
+    with channels-last tensors, as the v2 benchmark trains. ``device``: where both train (on CUDA every step is
+    synchronised before its clock stops, so the time is the kernels' and not the launches').
     """
     torch.manual_seed(0)
     base = create_model(name, model_kwargs)
@@ -269,9 +271,13 @@ def step_time_ratio(
         "A": timm_prune.convert(plain, timm_prune.PruneConfig(method="magnitude")),
         "B": timm_prune.convert(base, timm_prune.PruneConfig(method=method, **pof_options)),
     }
+    models = {k: m.to(device) for k, m in models.items()}
+    images, labels = images.to(device), labels.to(device)
     if bf16:
         models = {k: m.to(memory_format=torch.channels_last) for k, m in models.items()}
         images = images.contiguous(memory_format=torch.channels_last)
+    device_type = torch.device(device).type
+    synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     optimizers = {
         k: create_optimizer_v2(m, opt="sgd", lr=0.01, weight_decay=5e-4, momentum=0.9) for k, m in models.items()
     }
@@ -280,13 +286,15 @@ def step_time_ratio(
         for key in ("A", "B") if step % 2 == 0 else ("B", "A"):
             model, optimizer = models[key], optimizers[key]
             model.train()
+            synchronize()
             start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(model(images), labels) + model.penalty()
             loss.backward()
             optimizer.step()
             model.on_step_end(step=step + 1, total_steps=warmup + steps)  # GMP's mask updates count too
             optimizer.zero_grad()
+            synchronize()
             if step >= warmup:
                 times[key].append(time.perf_counter() - start)
     median_a, median_b = statistics.median(times["A"]), statistics.median(times["B"])

@@ -43,6 +43,11 @@ VARIANTS = {
 }
 
 
+def device_name(device: str) -> str:
+    """The accelerator's name (the one the timings are of), or "cpu"."""
+    return torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else "cpu"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "recipes" / "configs" / "cifar10_finetune_pof_convnext.yaml"))
@@ -54,6 +59,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--results", default=None, help="default: bench/results/<model>")
+    p.add_argument("--device", default="cpu", help="where both train, e.g. cuda (then the threads do not matter)")
     args = p.parse_args()
     torch.set_num_threads(1)
     recipe = recipe_prune_config(args.config)
@@ -66,7 +72,15 @@ def main() -> None:
         for name in args.variants:
             options = {**recipe, **VARIANTS[name]}
             timing = step_time_ratio(
-                args.model, args.model_kwargs, images, labels, options, steps=args.steps, method=method, bf16=args.bf16
+                args.model,
+                args.model_kwargs,
+                images,
+                labels,
+                options,
+                steps=args.steps,
+                method=method,
+                bf16=args.bf16,
+                device=args.device,
             )
             rows.append({"img_size": size, "variant": name, **timing})
             print(
@@ -75,11 +89,12 @@ def main() -> None:
                 flush=True,
             )
     precision = "bf16, channels-last" if args.bf16 else "fp32"
+    where = "One thread" if args.device == "cpu" else f"On {args.device} ({device_name(args.device)})"
     lines = [
         f"# POF step cost by part, {args.model}",
         "",
         f"Recipe: `{Path(args.config).relative_to(ROOT) if Path(args.config).is_relative_to(ROOT) else args.config}`. "
-        f"One thread, {precision}; {args.steps} interleaved POF / plain steps per case, batch {args.batch_size}. "
+        f"{where}, {precision}; {args.steps} interleaved POF / plain steps per case, batch {args.batch_size}. "
         "Median: of the ratios of adjacent steps; mean: with the candidate re-selections.",
         "",
         "| input | variant | median step ratio | mean step ratio | plain step (s) |",
@@ -92,6 +107,7 @@ def main() -> None:
         )
     out = Path(args.results or ROOT / "bench" / "results" / args.model)
     payload = {"model": args.model, "model_kwargs": args.model_kwargs, "bf16": args.bf16, "config": args.config}
+    payload.update(device=args.device, device_name=device_name(args.device), torch=torch.__version__)
     payload.update(recipe={"method": method, **recipe}, rows=rows)
     write_figures(out, "pof_step_cost", payload, lines)
     print("\n".join(lines))
