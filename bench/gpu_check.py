@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import timm
@@ -54,7 +55,7 @@ POF = {
 }
 # Tolerances: fp32 on two devices differs by summation order only; a few SGD steps keep that at rounding level,
 # except where a candidate set flips on a near-tie (counted, not failed: the mask agreement says how often).
-MAX_WEIGHT_DRIFT = 1e-3  # largest |w_cpu - w_dev| over all weights, relative to the largest |w|
+MAX_WEIGHT_DRIFT = 1e-3  # largest |p_cpu - p_dev| over a parameter, relative to its largest |p|
 MIN_MASK_AGREEMENT = 0.999
 MAX_OUTPUT_DRIFT = 1e-3  # largest |logit difference| over the largest |logit|
 
@@ -81,6 +82,36 @@ def train(pm: timm_prune.PrunableModel, batches: list, device: str, bf16: bool =
     return losses
 
 
+def host_syncs(pm: timm_prune.PrunableModel, batches: list, device: str) -> dict:
+    """Training steps under CUDA's sync debug mode: how many times a step waited for the device, and where.
+
+    A step that reads a device value on the host (``int(tensor)``, ``.item()``, a ``bool`` of a tensor) waits
+    for every kernel queued before it, so the host can no longer queue ahead and small steps pay the kernel
+    launches on top of the kernels. The loss is not read (the caller's loop would)."""
+    if torch.device(device).type != "cuda":
+        return {"syncs_per_step": None, "sync_sites": []}
+    optimizer = torch.optim.SGD(pm.parameters(), lr=0.01, momentum=0.9)
+    pm.train()
+    sites: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for step, (images, labels) in enumerate(batches):
+                loss = F.cross_entropy(pm(images.to(device)), labels.to(device)) + pm.penalty()
+                loss.backward()
+                optimizer.step()
+                pm.on_step_end(step=step + 1, total_steps=len(batches))
+                optimizer.zero_grad()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for warning in caught:
+        if "synchroniz" in str(warning.message):
+            site = f"{Path(warning.filename).name}:{warning.lineno}"
+            sites[site] = sites.get(site, 0) + 1
+    return {"syncs_per_step": sum(sites.values()) / len(batches), "sync_sites": sorted(sites.items())}
+
+
 def pruned_copy(model: torch.nn.Module, case: dict, state: dict, level: float, device: str) -> timm_prune.PrunableModel:
     """A fresh POF conversion of ``model`` holding ``state``, pruned at ``level`` and mean-recovered, in eval mode."""
     config = timm_prune.PruneConfig(method="pof", **{**POF, **case, "sparsity": level})
@@ -101,10 +132,17 @@ def check_model(label: str, name: str, kwargs: dict, size: int, case: dict, devi
     batches = [(torch.randn(32, 3, size, size, generator=generator), torch.randint(0, 10, (32,))) for _ in range(steps)]
     loss_cpu, loss_device = train(on_cpu, batches, "cpu"), train(on_device, batches, device)
     weights_cpu, weights_device = on_cpu.state_dict(), on_device.state_dict()
-    weight_drift = max(relative_gap(weights_cpu[k], weights_device[k]) for k in weights_cpu)
+    # The trained parameters only. The state also holds the candidate counts (uint8: one entry at a near-tie is a gap
+    # of 1 in 4; their agreement is reported on its own) and BatchNorm's running statistics.
+    parameters = [name for name, _ in on_cpu.named_parameters()]
+    weight_drift = max(relative_gap(weights_cpu[k], weights_device[k]) for k in parameters)
+    counts_cpu, counts_device = on_cpu.pruner.candidate_counts(), on_device.pruner.candidate_counts()
+    same = sum(int((counts_cpu[k] == counts_device[k].cpu()).sum()) for k in counts_cpu)
+    row_candidates = same / sum(c.numel() for c in counts_cpu.values())
     probe = batches[0][0]
     row = {"model": label, "case": next(k for k, v in CASES.items() if v == case), "steps": steps}
     row.update(loss_gap=max(abs(a - b) for a, b in zip(loss_cpu, loss_device, strict=True)), weight_drift=weight_drift)
+    row["candidate_agreement"] = row_candidates
     mask_agreement, output_drift = [], []
     for level in LEVELS:
         pm_cpu = pruned_copy(model, case, weights_cpu, level, "cpu")
@@ -121,6 +159,11 @@ def check_model(label: str, name: str, kwargs: dict, size: int, case: dict, devi
         pm_90.save_pretrained(folder, pretrained=False)
         loaded = timm_prune.from_pretrained(folder)
         row["reload_output_drift"] = relative_gap(expected, loaded(probe))
+    # Host syncs: POF's steps against plain training's (magnitude, which adds nothing to a step), on the device.
+    # Steps of the refresh (every threshold_refresh-th) re-select the candidates and may sync; the rest must not.
+    row["pof_syncs"] = host_syncs(on_device, batches, device)
+    plain = timm_prune.convert(copy.deepcopy(model), timm_prune.PruneConfig(method="magnitude")).to(device)
+    row["plain_syncs"] = host_syncs(plain, batches, device)
     # Mixed precision on the device, a fresh copy: the losses must stay finite.
     mixed = timm_prune.convert(copy.deepcopy(model), config).to(device).to(memory_format=torch.channels_last)
     row["bf16_losses_finite"] = all(math.isfinite(x) for x in train(mixed, batches, device, bf16=True))
@@ -160,14 +203,14 @@ def main() -> None:
         "largest magnitude.",
         "",
         "| model | case | weight drift | mask agreement (min) | recovered output drift (max) | reload drift | "
-        "bf16 finite | passed |",
-        "|---|---|---:|---:|---:|---:|---|---|",
+        "bf16 finite | host syncs per step, POF / plain | passed |",
+        "|---|---|---:|---:|---:|---:|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['case']} | {r['weight_drift']:.1e} | {min(r['mask_agreement']):.5f} | "
             f"{max(r['recovered_output_drift']):.1e} | {r['reload_output_drift']:.1e} | {r['bf16_losses_finite']} | "
-            f"{r['passed']} |"
+            f"{r['pof_syncs']['syncs_per_step']} / {r['plain_syncs']['syncs_per_step']} | {r['passed']} |"
         )
     payload = {"device": args.device, "device_name": device_name, "torch": torch.__version__, "rows": rows}
     write_figures(Path(args.results), "gpu_check", payload, lines)

@@ -58,6 +58,31 @@ def test_warmup_ramps_the_penalty_weight():
     assert int(pm.pruner.step) == 6 and "pruner.step" in pm.state_dict()
 
 
+def test_step_counters_read_on_the_host_follow_every_write_to_their_buffers():
+    # The counters are read from host copies (a GPU buffer read waits for the device); a checkpoint load, an
+    # in-place write or a new tensor must still be seen, or a resumed run would warm up and draw from the wrong step.
+    config = dict(sparsity=0.5, target_modules=["0", "2"], penalty_warmup=8, pruned_forward=0.5)
+    pm = timm_prune.convert(_mlp(), timm_prune.PruneConfig(**config))
+    for _ in range(5):
+        pm.penalty()
+    assert pm.pruner.steps_taken == int(pm.pruner.step) == 5 and pm.pruner.has_candidates
+    resumed = timm_prune.convert(_mlp(), timm_prune.PruneConfig(**config))
+    assert resumed.pruner.steps_taken == 0 and not resumed.pruner.has_candidates  # read before the load: cached
+    resumed.load_state_dict(pm.state_dict())
+    assert resumed.pruner.steps_taken == 5 and resumed.pruner.has_candidates
+    draws = [(pm.pruner.pruned_forward_level(), resumed.pruner.pruned_forward_level(), pm.penalty(), resumed.penalty())]
+    assert all(a == b and float(c) == pytest.approx(float(d)) for a, b, c, d in draws)
+    pm.pruner.step.fill_(2)
+    assert pm.pruner.steps_taken == 2
+    assert pm.pruner.current_weight() == pytest.approx(2 / 8 * pm.pruner.config.penalty_weight)
+    pm.pruner.step = torch.tensor(7)
+    assert pm.pruner.steps_taken == 7
+    pm.pruner.candidates_selected.fill_(False)
+    assert not pm.pruner.has_candidates and pm.pruner.pruned_forward_level() is None
+    pm.penalty()  # selects again
+    assert pm.pruner.has_candidates and bool(pm.pruner.candidates_selected) and pm.pruner.steps_taken == 8
+
+
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_sparsity_ramp_grows_the_candidate_sets_along_the_cubic_schedule(scope):
     config = timm_prune.PruneConfig(

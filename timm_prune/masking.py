@@ -35,12 +35,18 @@ def _as_bits(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).clamp_min(0.0).contiguous().view(torch.int32)
 
 
+def _add_counts(counts: torch.Tensor | None, found: torch.Tensor) -> torch.Tensor:
+    # The counts live where the first layer's scores are (a model on a GPU counts there); a layer on another
+    # device (a model split over several) sends its counts over.
+    return found if counts is None else counts.add_(found.to(counts.device))
+
+
 def _high_histogram(scores: Sequence[Callable[[], torch.Tensor]]) -> torch.Tensor:
-    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    counts = None
     for score_fn in scores:
         for chunk in _chunks(score_fn()):
-            counts += torch.bincount(_as_bits(chunk) >> _HIGH_SHIFT, minlength=1 << 16)
-    return counts
+            counts = _add_counts(counts, torch.bincount(_as_bits(chunk) >> _HIGH_SHIFT, minlength=1 << 16))
+    return torch.zeros(1 << 16, dtype=torch.int64) if counts is None else counts
 
 
 def kth_smallest(
@@ -60,12 +66,13 @@ def kth_smallest(
         raise ValueError(f"kth_smallest: asked for element {k} of {int(cumulative[-1])}")
     bucket = int(torch.searchsorted(cumulative, k))
     rank_in_bucket = k - (int(cumulative[bucket - 1]) if bucket > 0 else 0)
-    low_counts = torch.zeros(1 << _HIGH_SHIFT, dtype=torch.int64)
+    low_counts = None
     for score_fn in scores:
         for chunk in _chunks(score_fn()):
             bits = _as_bits(chunk)
             in_bucket = bits[(bits >> _HIGH_SHIFT) == bucket]
-            low_counts += torch.bincount(in_bucket & ((1 << _HIGH_SHIFT) - 1), minlength=1 << _HIGH_SHIFT)
+            found = torch.bincount(in_bucket & ((1 << _HIGH_SHIFT) - 1), minlength=1 << _HIGH_SHIFT)
+            low_counts = _add_counts(low_counts, found)
     low = int(torch.searchsorted(low_counts.cumsum(0), rank_in_bucket))
     value_bits = torch.tensor([(bucket << _HIGH_SHIFT) | low], dtype=torch.int32)
     return float(value_bits.view(torch.float32))

@@ -347,6 +347,30 @@ class PofOptions:
                 )
 
 
+class _HostCopy:
+    """A 0-d buffer's value kept on the host, for the counters read on every training step.
+
+    Reading a GPU buffer (``int(buffer)``) waits until every kernel queued so far has run, so a step that reads
+    one can no longer queue its kernels ahead of the device. The copy is trusted while it was taken from this very
+    tensor at its current version: every in-place write (``fill_``, ``+=``, ``load_state_dict``'s ``copy_``) bumps
+    a tensor's version, and ``.to(device)`` makes a new tensor, so after either the next read goes to the buffer.
+    """
+
+    def __init__(self) -> None:
+        self._source: weakref.ref | None = None
+        self._version = -1
+        self._value: Any = None
+
+    def read(self, buffer: torch.Tensor) -> Any:
+        if self._source is None or self._source() is not buffer or self._version != buffer._version:
+            self.wrote(buffer, buffer.item())
+        return self._value
+
+    def wrote(self, buffer: torch.Tensor, value: Any) -> None:
+        """``buffer`` now holds ``value`` (just written by the caller: no need to read it back)."""
+        self._source, self._version, self._value = weakref.ref(buffer), buffer._version, value
+
+
 @register_method("pof")
 class PofMethod(PruneMethod):
     options_cls = PofOptions
@@ -365,6 +389,7 @@ class PofMethod(PruneMethod):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         # Whether the candidate buffers below hold a selection yet.
         self.register_buffer("candidates_selected", torch.zeros((), dtype=torch.bool))
+        self._steps_copy, self._selected_copy = _HostCopy(), _HostCopy()
         # Per layer, the mask and pruned weight the pruned forwards write in place (not state: rebuilt on demand).
         self._pruned_forward_buffers: dict[str, _PrunedForwardBuffers] = {}
 
@@ -389,6 +414,16 @@ class PofMethod(PruneMethod):
         """Per layer, in how many of the nested candidate sets each entry lies (uint8, 0 = in none)."""
         return dict(self._candidates)
 
+    @property
+    def steps_taken(self) -> int:
+        """Training calls of ``penalty()`` so far (the ``step`` buffer, read without waiting for the device)."""
+        return self._steps_copy.read(self.step)
+
+    @property
+    def has_candidates(self) -> bool:
+        """Whether the candidate sets hold a selection yet (the ``candidates_selected`` buffer, likewise)."""
+        return self._selected_copy.read(self.candidates_selected)
+
     def direction(self, name: str) -> torch.Tensor:
         """The parameter the penalty drains: the direction ``v`` of a hyperspherical layer, else the weight."""
         module = self.layers[name]
@@ -406,7 +441,7 @@ class PofMethod(PruneMethod):
 
     def _warmup_ramp(self) -> float:
         warmup = self.config.penalty_warmup
-        return 1.0 if warmup == 0 else min(1.0, float(self.step) / warmup)
+        return 1.0 if warmup == 0 else min(1.0, self.steps_taken / warmup)
 
     def current_weight(self) -> float:
         return self.config.penalty_weight * self._warmup_ramp()
@@ -416,7 +451,7 @@ class PofMethod(PruneMethod):
         """``candidate_decay``: after the optimizer step, each candidate keeps ``1 - decay * c / n`` of its value (``c``
         of the ``n`` nested sets hold it). In place, on the parameters the optimizer holds."""
         decay = self.config.candidate_decay * self._warmup_ramp()
-        if decay == 0.0 or not bool(self.candidates_selected):
+        if decay == 0.0 or not self.has_candidates:
             return {}
         share_per_set = decay / len(self.penalty_sparsities)
         for name, candidates in self._candidates.items():
@@ -428,8 +463,9 @@ class PofMethod(PruneMethod):
     def select_candidates(self) -> None:
         """Re-select the nested candidate sets from the current weights (one per penalty sparsity)."""
         ramp = self.config.sparsity_ramp
-        scale = 1.0 if ramp == 0 else cubic_sparsity(int(self.step), ramp, 0.0, 1.0, 0.0, 1.0)
+        scale = 1.0 if ramp == 0 else cubic_sparsity(self.steps_taken, ramp, 0.0, 1.0, 0.0, 1.0)
         self.candidates_selected.fill_(True)
+        self._selected_copy.wrote(self.candidates_selected, True)
         if scale <= 0.0:  # the ramp's first call: nothing is a candidate yet
             for candidates in self._candidates.values():
                 candidates.zero_()
@@ -473,7 +509,7 @@ class PofMethod(PruneMethod):
             size = score.numel()
             if 0 < sample < size:
                 # Seeded by the step and the layer: every DDP rank (and a resumed run) draws the same entries.
-                generator = torch.Generator(device=score.device).manual_seed(int(self.step) * 4099 + index)
+                generator = torch.Generator(device=score.device).manual_seed(self.steps_taken * 4099 + index)
                 score = score[torch.randint(size, (sample,), generator=generator, device=score.device)]
             magnitude, lamp = sorted_lamp_scores(score)
             if score.numel() < size:
@@ -504,7 +540,7 @@ class PofMethod(PruneMethod):
         if 0 < self.config.threshold_sample < total:
             device = self.device()
             # Seeded by the step: every DDP rank (and a resumed run) draws the same sample.
-            generator = torch.Generator(device=device).manual_seed(int(self.step))
+            generator = torch.Generator(device=device).manual_seed(self.steps_taken)
             index = torch.randint(total, (self.config.threshold_sample,), generator=generator, device=device)
             index = index.sort().values
             parts, start = [], 0
@@ -530,11 +566,11 @@ class PofMethod(PruneMethod):
         """Index into ``penalty_sparsities`` of the level this training step's forward runs pruned at, or None.
 
         Drawn from a generator seeded by the step counter: every DDP rank and a resumed run draw alike."""
-        if self.config.pruned_forward <= 0 or not bool(self.candidates_selected):
+        if self.config.pruned_forward <= 0 or not self.has_candidates:
             return None
-        if 0 < self.config.pruned_forward_until <= int(self.step):
+        if 0 < self.config.pruned_forward_until <= self.steps_taken:
             return None
-        generator = torch.Generator().manual_seed(int(self.step) * 1_000_003 + 17)
+        generator = torch.Generator().manual_seed(self.steps_taken * 1_000_003 + 17)
         if float(torch.rand((), generator=generator)) >= self.config.pruned_forward:
             return None
         levels = self.penalty_sparsities
@@ -560,7 +596,7 @@ class PofMethod(PruneMethod):
     def forward_context(self, training: bool):
         level = self.pruned_forward_level() if training else None
         if level is None:
-            if 0 < self.config.pruned_forward_until <= int(self.step):
+            if 0 < self.config.pruned_forward_until <= self.steps_taken:
                 self._pruned_forward_buffers.clear()  # no pruned forward will run again: free their memory
             yield
             return
@@ -621,15 +657,17 @@ class PofMethod(PruneMethod):
     def penalty(self) -> torch.Tensor:
         training = torch.is_grad_enabled()
         weight = self.current_weight()
-        if not self.candidates_selected or (training and int(self.step) % self.config.threshold_refresh == 0):
+        if not self.has_candidates or (training and self.steps_taken % self.config.threshold_refresh == 0):
             self.select_candidates()
         skipped = False
         if training:
             # Calls 1, 1 + k, 1 + 2k, ... (counted from 1) carry k times the weight; the others none.
             every = self.config.penalty_every
-            skipped = int(self.step) % every != 0
+            steps = self.steps_taken
+            skipped = steps % every != 0
             weight *= every
             self.step += 1
+            self._steps_copy.wrote(self.step, steps + 1)
         if weight == 0.0 or skipped:
             # Pruned forwards alone, the warm-up's first call or a call penalty_every skips: the candidates are kept
             # current, and the energy pass, its backward and the fp32 copies of every direction are skipped. Not a
