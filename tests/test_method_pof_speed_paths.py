@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 import timm_prune
-from timm_prune.methods.pof import _CandidateEnergy
+from timm_prune.methods import pof_penalty
+from timm_prune.methods.pof_penalty import StackedCandidateEnergy
 
 
 def _conv_model() -> nn.Module:
@@ -55,14 +56,96 @@ def test_channels_last_weights_keep_the_strides_a_plain_layer_has(pruned_forward
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in pm.parameters() if p.requires_grad)
 
 
-def test_candidate_energy_gradient_matches_autograd_of_the_definition():
+def _energy_shares(v: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The definition: per unit, the candidates' share of the unit's energy (autograd differentiates it)."""
+    v2 = v.reshape(v.shape[0], -1).square()
+    return (v2 * counts.reshape(v.shape[0], -1)).sum(1) / v2.sum(1)
+
+
+def test_stacked_candidate_energy_matches_autograd_of_the_definition():
+    # Three layers of one fan-in (12), different numbers of units and shapes, stacked row-wise.
     torch.manual_seed(0)
-    v = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
-    counts = torch.randint(0, 3, (5, 12), dtype=torch.uint8)
-    assert torch.autograd.gradcheck(lambda x: _CandidateEnergy.apply(x, counts), (v,))
-    u2 = v.square() / v.square().sum(1, keepdim=True)
-    reference = (u2 * counts).sum(1)
-    torch.testing.assert_close(_CandidateEnergy.apply(v, counts), reference)
+    shapes = [(5, 12), (3, 3, 2, 2), (7, 12)]
+    directions = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    counts = [torch.randint(0, 3, s, dtype=torch.uint8) for s in shapes]
+    stacked = torch.cat([c.reshape(c.shape[0], -1) for c in counts])
+    unit_weights = torch.cat([torch.full((s[0],), 1.0 / s[0], dtype=torch.float64) for s in shapes])
+
+    def stacked_energy(*vs):
+        return StackedCandidateEnergy.apply(unit_weights, stacked, *vs)
+
+    assert torch.autograd.gradcheck(stacked_energy, tuple(directions))
+    reference = sum(_energy_shares(v, c).mean() for v, c in zip(directions, counts, strict=True))
+    torch.testing.assert_close(stacked_energy(*directions), reference)
+
+
+def _mixed_fan_in_model() -> nn.Module:
+    # Fan-ins 12, 16, 16, 27 (3 x 3 x 3), 16: two layers share a stack, the others stand alone.
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(12, 16),
+        nn.Linear(16, 16),
+        nn.Linear(16, 27),
+        nn.Unflatten(1, (3, 3, 3)),
+        nn.Conv2d(3, 16, 3),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    )
+
+
+@pytest.mark.parametrize("hyperspherical", [True, False])
+@pytest.mark.parametrize("cpu_stack_entries", [None, 300])
+def test_penalty_and_its_gradients_equal_the_per_layer_definition(hyperspherical, cpu_stack_entries, monkeypatch):
+    if cpu_stack_entries is not None:  # layers 1 and 2 (256 entries each) then no longer fit one stack
+        monkeypatch.setattr(pof_penalty, "CPU_STACK_ENTRIES", cpu_stack_entries)
+    config = timm_prune.PruneConfig(
+        sparsity=0.5,
+        penalty_sparsities=[0.3, 0.6],
+        penalty_weight=2.0,
+        hyperspherical=hyperspherical,
+        target_modules=["0", "1", "2", "4", "6"],
+    )
+    pm = timm_prune.convert(_mixed_fan_in_model(), config)
+    penalty = pm.penalty()
+    penalty.backward()
+    names = list(pm.targets)
+    # Fan-ins 12, 16 (layers 1, 2, 6: 256 + 432 + 64 entries), 27; a bound of 300 cuts the 16s into three.
+    expected = [["0"], ["1", "2", "6"], ["4"]] if cpu_stack_entries is None else [["0"], ["1"], ["2"], ["4"], ["6"]]
+    assert sorted(pm.pruner.penalty_stacks()) == expected
+    directions = {n: pm.pruner.direction(n) for n in names}
+    grads = {n: d.grad.clone() for n, d in directions.items()}
+    leaves = {n: d.detach().clone().requires_grad_(True) for n, d in directions.items()}
+    counts = pm.pruner.candidate_counts()
+    reference = 2.0 / 2 * torch.stack([_energy_shares(leaves[n], counts[n]).mean() for n in names]).mean()
+    reference.backward()
+    torch.testing.assert_close(penalty, reference, rtol=1e-6, atol=0)
+    for name in names:
+        torch.testing.assert_close(grads[name], leaves[name].grad, rtol=1e-5, atol=1e-9)
+
+
+def test_penalty_follows_every_write_to_the_candidate_buffers():
+    """The stacked candidates are a cache: a refresh, an in-place write or a loaded state must reach the penalty."""
+    config = dict(sparsity=0.5, target_modules=["0", "1", "2", "4", "6"], threshold_refresh=1000)
+    pm = timm_prune.convert(_mixed_fan_in_model(), timm_prune.PruneConfig(**config))
+    other = timm_prune.convert(
+        _mixed_fan_in_model(),
+        timm_prune.PruneConfig(sparsity=0.8, **{k: v for k, v in config.items() if k != "sparsity"}),
+    )
+    first = pm.penalty().item()
+    other.penalty()  # selects its (larger) candidate sets
+
+    def by_hand() -> float:
+        counts = pm.pruner.candidate_counts()
+        shares = [_energy_shares(pm.pruner.direction(n).detach(), c).mean() for n, c in counts.items()]
+        return pm.pruner.config.penalty_weight * torch.stack(shares).mean().item()
+
+    assert first == pytest.approx(by_hand(), rel=1e-6)
+    pm.pruner.candidate_counts()["1"].zero_()  # in place: layer 1 (stacked with layer 2) has no candidates now
+    emptied = pm.penalty().item()
+    assert emptied == pytest.approx(by_hand(), rel=1e-6) and emptied < first
+    pm.load_state_dict(other.state_dict())  # the other model's weights and 80 % candidate sets
+    loaded = pm.penalty().item()
+    assert loaded == pytest.approx(by_hand(), rel=1e-6) and loaded > first
 
 
 def test_nested_candidate_sets_count_membership_and_average_the_energies():

@@ -37,6 +37,7 @@ from torch.nn.utils import parametrize
 from ..masking import sorted_lamp_scores
 from ..registry import register_method
 from .base import PruneMethod, is_int, is_number
+from .pof_penalty import StackedPenalty
 from .schedules import cubic_sparsity
 
 _EPS = 1e-12
@@ -60,6 +61,17 @@ def _levels(score: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     in set i and in every larger one."""
     # contiguous: a channels-last layer's scores are not, and bucketize would warn and copy them anyway.
     return (len(thresholds) - torch.bucketize(score.contiguous(), thresholds, right=False)).to(torch.uint8)
+
+
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` made by one multi-tensor kernel per device and dtype (the fast path wants them alike)."""
+    copies = [torch.empty_like(t) for t in tensors]
+    groups: dict[tuple, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(index)
+    for indices in groups.values():
+        torch._foreach_copy_([copies[i] for i in indices], [tensors[i] for i in indices])
+    return copies
 
 
 class _PrunedForwardBuffers:
@@ -192,28 +204,6 @@ class Hyperspherical(nn.Module):
         # A unit that is entirely zero (pruned whole) has no direction; any non-zero one gives g * u = 0.
         direction[magnitude == 0] = 1.0
         return magnitude, direction
-
-
-class _CandidateEnergy(torch.autograd.Function):
-    """Per unit, ``sum(c * v^2) / sum(v^2)`` (the candidates' share of the unit's energy, ``c`` counting how
-    many nested candidate sets hold each entry), with its gradient ``2 v (c - E) / sum(v^2)`` written out:
-    a third of the element-wise passes autograd would make, on every training step."""
-
-    @staticmethod
-    def forward(ctx, v: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        candidates = candidates.to(v.dtype)  # once here, not once per mixed-dtype op (forward and backward)
-        v2 = v.square()
-        energy = v2.sum(1).clamp_min(_EPS**2)
-        share = (v2 * candidates).sum(1) / energy
-        ctx.save_for_backward(v, candidates, share, energy)
-        return share
-
-    @staticmethod
-    def backward(ctx, grad_share: torch.Tensor) -> tuple[torch.Tensor, None]:
-        v, candidates, share, energy = ctx.saved_tensors
-        per_unit = (2 * grad_share / energy).unsqueeze(1)
-        # (c - E) * per_unit in one pass, then times v in place.
-        return torch.addcmul(-(share.unsqueeze(1) * per_unit), candidates, per_unit).mul_(v), None
 
 
 @dataclass
@@ -392,6 +382,8 @@ class PofMethod(PruneMethod):
         self._steps_copy, self._selected_copy = _HostCopy(), _HostCopy()
         # Per layer, the mask and pruned weight the pruned forwards write in place (not state: rebuilt on demand).
         self._pruned_forward_buffers: dict[str, _PrunedForwardBuffers] = {}
+        # The layers stacked by fan-in for the penalty, and their stacked candidates (a cache, not state).
+        self._stacked_penalty = StackedPenalty()
 
     def attach(self, layers: dict[str, nn.Module]) -> None:
         super().attach(layers)
@@ -434,6 +426,10 @@ class PofMethod(PruneMethod):
             v = self.direction(name).detach().float()
             return (v / _unit_norm(v)).abs()
         return super().scores(name)
+
+    def penalty_stacks(self) -> list[list[str]]:
+        """The layers whose penalty is computed together (one stack per fan-in and device; see ``pof_penalty``)."""
+        return [stack.names for stack in self._stacked_penalty.stacks(self._candidates)]
 
     @property
     def penalty_sparsities(self) -> list[float]:
@@ -621,9 +617,12 @@ class PofMethod(PruneMethod):
         if loss_weight != 1.0:
             hook = self.model.register_forward_hook(lambda _, __, output: _scale_gradients(output, loss_weight))
         try:
+            # One multi-tensor copy for every statistic, not a kernel per buffer (a GPU step is launch-bound).
+            originals_flat = [buffer for buffers in saved for buffer in buffers.values()]
+            copies = iter(_copies(originals_flat))
             for module, buffers in zip(norms, saved, strict=True):
-                for key, buffer in buffers.items():
-                    setattr(module, key, buffer.clone())
+                for key in buffers:
+                    setattr(module, key, next(copies))
             for module, params in zip(held, held_params, strict=True):
                 for key, param in params.items():
                     # Same value, zero gradient; still in the graph, so that DDP sees every parameter used.
@@ -673,14 +672,8 @@ class PofMethod(PruneMethod):
             # current, and the energy pass, its backward and the fp32 copies of every direction are skipped. Not a
             # zero tensor of the graph: nothing would reach the gradients anyway.
             return torch.zeros((), device=self.device())
-        num_sets = len(self.penalty_sparsities)
         # Always float32: the energy is a sum of many small squares, which bf16 would round away.
         device_type = self.direction(next(iter(self.layers))).device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            energies = []
-            for name, candidates in self._candidates.items():
-                # sum(u^2 over candidates) = sum(v^2 over candidates) / ||v||^2: no normalised copy of v needed.
-                v = self.direction(name).float()
-                units = v.shape[0]
-                energies.append(_CandidateEnergy.apply(v.reshape(units, -1), candidates.reshape(units, -1)).mean())
-            return (weight / num_sets) * torch.stack(energies).mean()
+            directions = {name: self.direction(name) for name in self.layers}
+            return (weight / len(self.penalty_sparsities)) * self._stacked_penalty(directions, self._candidates)
