@@ -25,6 +25,7 @@ Our formulation (the paper is known to us by its abstract only; every choice is 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -539,13 +540,16 @@ class PofMethod(PruneMethod):
             generator = torch.Generator(device=device).manual_seed(self.steps_taken)
             index = torch.randint(total, (self.config.threshold_sample,), generator=generator, device=device)
             index = index.sort().values
-            parts, start = [], 0
-            for score_fn, size in zip(scores, sizes, strict=True):  # each layer's share, no copy of all scores
+            # Where each layer's share of the draw begins and ends, read back once (not twice per layer: on a GPU
+            # every read waits for the queued kernels).
+            starts = list(itertools.accumulate(sizes, initial=0))
+            bounds = torch.searchsorted(index, torch.tensor(starts, device=device)).tolist()
+            parts = []
+            spans = zip(starts[:-1], bounds[:-1], bounds[1:], strict=True)
+            for score_fn, size, (start, lo, hi) in zip(scores, sizes, spans, strict=True):  # no copy of all scores
                 score = score_fn()
-                lo, hi = torch.searchsorted(index, torch.tensor([start, start + size], device=device))
                 local = index[lo:hi] - start
                 parts.append(score[local if score.numel() == size else local * score.numel() // size])
-                start += size
             sample = torch.cat(parts)
         else:
             parts = []
