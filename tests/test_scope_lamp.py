@@ -8,7 +8,7 @@ import torch
 from torch.nn.utils import parametrize
 
 import timm_prune
-from timm_prune.masking import lamp_scores
+from timm_prune.masking import lamp_scores, sorted_lamp_scores
 
 
 def _lamp_by_definition(weights: torch.Tensor) -> torch.Tensor:
@@ -22,6 +22,18 @@ def test_lamp_scores_follow_the_definition():
     torch.testing.assert_close(lamp_scores(torch.tensor([1.0, -3.0, 2.0])), torch.tensor([1 / 14, 1.0, 4 / 13]))
     weights = torch.randn(6, 5, 3)
     torch.testing.assert_close(lamp_scores(weights), _lamp_by_definition(weights))
+
+
+def test_sorted_lamp_scores_of_each_row_are_those_of_the_row_alone():
+    # POF sorts the samples of many layers as the rows of one matrix: no row may see another.
+    torch.manual_seed(0)
+    rows = torch.randn(4, 50) * torch.tensor([[1.0], [10.0], [0.01], [3.0]])
+    magnitude, lamp = sorted_lamp_scores(rows)
+    for row, (row_magnitude, row_lamp) in zip(rows, zip(magnitude, lamp, strict=True), strict=True):
+        expected = _lamp_by_definition(row)
+        order = row.abs().argsort()
+        torch.testing.assert_close(row_magnitude, row.abs()[order])
+        torch.testing.assert_close(row_lamp, expected[order])
 
 
 def _pm(scope: str, method: str = "magnitude", sparsity: float = 0.9, **options) -> timm_prune.PrunableModel:

@@ -105,16 +105,17 @@ def layer_keep_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def _sorted_lamp(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The layer's squared scores in ascending order, the order, and their LAMP scores (see ``lamp_scores``)."""
-    squared = scores.detach().reshape(-1).to(torch.float32).square()
+    """Along the last dimension (each row a layer, or a sample of one): the squared scores in ascending order, the
+    order, and their LAMP scores (see ``lamp_scores``)."""
+    squared = scores.detach().to(torch.float32).square()
     # The sort is the cost (POF re-selects its candidates every few steps): float32 sorts faster than float64;
     # the sums run in float64, where a long tail of small squares is not rounded away.
-    ascending, order = torch.sort(squared, stable=True)
+    ascending, order = torch.sort(squared, dim=-1, stable=True)
     wide = ascending.to(torch.float64)
-    at_least = wide.flip(0).cumsum(0).flip(0)  # sum of the entries from this one to the largest
+    at_least = wide.flip(-1).cumsum(-1).flip(-1)  # sum of the entries from this one to the largest
     lamp = (wide / at_least.clamp_min(torch.finfo(torch.float64).tiny)).to(torch.float32)
     # Non-decreasing in exact arithmetic (a larger numerator over a smaller sum); cummax irons out rounding.
-    return ascending, order, torch.cummax(lamp, 0).values
+    return ascending, order, torch.cummax(lamp, -1).values
 
 
 def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -123,15 +124,16 @@ def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
     the shape of ``scores``. Within a layer the order is unchanged; across layers the scale is gone, and every
     layer's largest entry scores 1, so one global threshold below 1 never empties a layer. Ties are broken by
     storage order (sorting is stable)."""
-    _, order, lamp = _sorted_lamp(scores)
+    _, order, lamp = _sorted_lamp(scores.reshape(-1))
     out = torch.empty_like(lamp)
     out[order] = lamp
     return out.reshape(scores.shape)
 
 
 def sorted_lamp_scores(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``|scores|`` flattened in ascending order and their LAMP scores, ascending too (an entry's LAMP score
-    grows with its rank): a threshold on LAMP scores maps to one on ``|scores|`` without scattering them back."""
+    """``|scores|`` in ascending order and their LAMP scores, ascending too (an entry's LAMP score grows with its
+    rank), along the last dimension: a 1-D tensor is one layer, each row of a 2-D one a layer of its own (one sort
+    for many layers of one size). A threshold on LAMP scores maps to one on ``|scores|`` without scattering back."""
     ascending, _, lamp = _sorted_lamp(scores)
     return ascending.sqrt(), lamp
 

@@ -490,7 +490,8 @@ class PofMethod(PruneMethod):
                 candidates.copy_(_levels(self.global_scores(name), thresholds))
 
     def _select_on_lamp_scores(self, sparsities: list[float]) -> None:
-        """Candidates under global thresholds on LAMP scores, with one sort of a sample per layer.
+        """Candidates under global thresholds on LAMP scores, with one sort of a sample per layer (batched over the
+        layers whose samples have one length).
 
         A layer larger than ``lamp_sample`` has its LAMP scores estimated from a random sample of that many
         entries (an entry's sum of the squares at least as large is the sample's, scaled by the layer's size over
@@ -498,32 +499,37 @@ class PofMethod(PruneMethod):
         sorted scores, and each threshold becomes a cutoff on the layer's ``|w|`` through a table of
         ``LAMP_TABLE_POINTS`` (LAMP score, ``|w|``) pairs kept from that sort."""
         names = list(self._candidates)
-        tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         sample = self.config.lamp_sample
-
-        def sorted_lamp(index: int, name: str) -> torch.Tensor:
+        # Each layer's |w| (a sample of it when larger than lamp_sample), grouped by length: a group is sorted, and
+        # its LAMP scores computed, as the rows of one matrix (on a GPU, kernels per group rather than per layer).
+        groups: dict[int, list[tuple[str, torch.Tensor, int]]] = {}
+        for index, name in enumerate(names):
             score = self.scores(name).reshape(-1)
             size = score.numel()
             if 0 < sample < size:
                 # Seeded by the step and the layer: every DDP rank (and a resumed run) draws the same entries.
                 generator = torch.Generator(device=score.device).manual_seed(self.steps_taken * 4099 + index)
                 score = score[torch.randint(size, (sample,), generator=generator, device=score.device)]
-            magnitude, lamp = sorted_lamp_scores(score)
-            if score.numel() < size:
-                lamp = lamp * (score.numel() / size)
-            points = min(lamp.numel(), LAMP_TABLE_POINTS)
-            rows = torch.linspace(0, lamp.numel() - 1, points, device=lamp.device).long()
-            tables[name] = (lamp[rows], magnitude[rows])
-            return lamp
+            groups.setdefault(score.numel(), []).append((name, score, size))
+        sorted_lamps: dict[str, torch.Tensor] = {}
+        tables = []  # per group: (LAMP score, |w|) at LAMP_TABLE_POINTS rows of each member's sorted scores
+        for length, members in groups.items():
+            magnitude, lamp = sorted_lamp_scores(torch.stack([score for _, score, _ in members]))
+            # A sample's sums stand for the layer's: scaled by the sample's size over the layer's.
+            lamp = lamp * torch.tensor([length / size for _, _, size in members], device=lamp.device).unsqueeze(1)
+            rows = torch.linspace(0, length - 1, min(length, LAMP_TABLE_POINTS), device=lamp.device).long()
+            tables.append(([name for name, _, _ in members], lamp[:, rows], magnitude[:, rows]))
+            sorted_lamps.update((name, lamp[row]) for row, (name, _, _) in enumerate(members))
 
-        scores = [lambda i=i, n=n: sorted_lamp(i, n) for i, n in enumerate(names)]
+        scores = [lambda n=n: sorted_lamps[n] for n in names]
         thresholds = self._thresholds(scores, [self._candidates[n].numel() for n in names], sparsities)
-        for name, candidates in self._candidates.items():
-            lamp, magnitude = tables[name]
+        for members, table_lamp, table_magnitude in tables:
             # The table rows at or below each threshold; the cutoff is the |w| of the last one (-1: none).
-            below = torch.searchsorted(lamp, thresholds.to(lamp.dtype), right=True)
-            padded = torch.cat([magnitude.new_full((1,), -1.0), magnitude])
-            candidates.copy_(_levels(self.scores(name), padded[below]))
+            wanted = thresholds.to(table_lamp.dtype).expand(len(members), -1).contiguous()
+            below = torch.searchsorted(table_lamp, wanted, right=True)
+            padded = torch.cat([table_magnitude.new_full((len(members), 1), -1.0), table_magnitude], dim=1)
+            for name, cutoffs in zip(members, padded.gather(1, below), strict=True):
+                self._candidates[name].copy_(_levels(self.scores(name), cutoffs))
 
     def _thresholds(
         self, scores: list[Callable[[], torch.Tensor]], sizes: list[int], sparsities: list[float]
