@@ -594,9 +594,10 @@ class PofMethod(PruneMethod):
         own = None
         if torch.is_grad_enabled() and direction.requires_grad:
             own = self._pruned_forward_buffers.setdefault(name, _PrunedForwardBuffers()).writable(direction)
-        # A compare on the float counts: a bool mask (candidates < pruned_from) then its conversion cost 3x more.
-        counts = own.keep.copy_(candidates) if own is not None else candidates.to(direction.dtype)
-        return counts.lt_(pruned_from), own
+        # One compare written straight into a mask of the weight's dtype: a bool mask then its conversion cost 3x more
+        # on a CPU, and a copy of the counts then a compare in place took two kernels (and 1.3x the time).
+        keep = own.keep if own is not None else torch.empty_like(direction)
+        return torch.lt(candidates, pruned_from, out=keep), own
 
     @contextlib.contextmanager
     def forward_context(self, training: bool):
