@@ -129,6 +129,6 @@ class StackedPenalty:
             if moved:
                 raise RuntimeError(
                     f"POF's candidate buffers and weights of {moved[:3]} are on different devices "
-                    f"({device} vs {directions[moved[0]].device}): move the whole PrunedModel with .to(device)"
+                    f"({device} vs {directions[moved[0]].device}): move the whole PrunableModel with .to(device)"
                 )
         return stacks
